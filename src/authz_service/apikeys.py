@@ -1,0 +1,54 @@
+"""The API key format: generation, hashing and the offline checksum.
+
+A key reads ``<prefix>_<body><check>``: ``prefix`` is 1-16 lower-case letters or digits starting
+with a letter, ``body`` is 32 random base62 characters (about 190 bits of entropy) and ``check``
+is the CRC32 of ``<prefix>_<body>`` written as 6 base62 characters, most significant first,
+zero-padded. The checksum lets a malformed or mistyped key be rejected without any lookup, and
+lets secret scanners recognise leaked keys, as with GitHub's token format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import zlib
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+BODY_LENGTH = 32
+CHECK_LENGTH = 6
+DEFAULT_PREFIX = "azk"
+PREFIX_PATTERN = re.compile(r"[a-z][a-z0-9]{0,15}")
+
+_CHECKSUMMED = re.compile(
+    rf"(?P<payload>[a-z][a-z0-9]{{0,15}}_[0-9A-Za-z]{{{BODY_LENGTH}}})"
+    rf"(?P<check>[0-9A-Za-z]{{{CHECK_LENGTH}}})"
+)
+
+
+def generate(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return a new random key in the checksummed format."""
+    if not PREFIX_PATTERN.fullmatch(prefix):
+        raise ValueError(f"invalid key prefix {prefix!r}: expected {PREFIX_PATTERN.pattern}")
+    payload = f"{prefix}_{''.join(secrets.choice(BASE62) for _ in range(BODY_LENGTH))}"
+    return payload + _checksum(payload)
+
+
+def has_valid_checksum(key: str) -> bool:
+    """True when ``key`` has the checksummed format and its checksum matches."""
+    match = _CHECKSUMMED.fullmatch(key)
+    return match is not None and _checksum(match["payload"]) == match["check"]
+
+
+def hash_key(key: str) -> str:
+    """The hex SHA-256 of a key: the only form in which keys are stored or cached."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _checksum(payload: str) -> str:
+    value = zlib.crc32(payload.encode())
+    digits = []
+    for _ in range(CHECK_LENGTH):
+        value, digit = divmod(value, 62)
+        digits.append(BASE62[digit])
+    return "".join(reversed(digits))

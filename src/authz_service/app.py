@@ -1,0 +1,113 @@
+"""Composition root: builds the concrete parts from settings, runs them, shuts them down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from grpc_health.v1 import health, health_pb2
+
+from authz_service import grpc_server, http_server
+from authz_service.credentials import CredentialRules
+from authz_service.envoy_codec import CodecSettings, Encoder
+from authz_service.pipeline import Pipeline, PipelineSettings
+from authz_service.registry import Registry
+from authz_service.registry.static_file import StaticFileRegistry
+from authz_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says which setting to fix."""
+
+
+async def run_until_signalled(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(settings, stop)
+
+
+async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | None = None) -> None:
+    """Serve until ``stop`` is set, then drain: NOT_SERVING first, then finish in-flight checks.
+
+    ``registry`` replaces the one the settings describe (tests use it to inject faults).
+    """
+    if registry is None:
+        registry = StaticFileRegistry(settings.keys_file, settings.keys_reload_interval)
+    await registry.start()
+    try:
+        await _serve(settings, stop, registry)
+    finally:
+        await registry.close()
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) -> None:
+    pipeline = Pipeline(registry, PipelineSettings(
+        credential_rules=CredentialRules(
+            max_key_length=settings.max_key_length,
+            require_checksum=settings.require_key_checksum,
+        ),
+        check_timeout=settings.check_timeout,
+        allow_non_http=settings.non_http_requests == "allow",
+    ))
+    encoder = Encoder(CodecSettings(
+        client_id_header=settings.client_id_header,
+        client_name_header=settings.client_name_header,
+        client_roles_header=settings.client_roles_header,
+        realm=settings.realm,
+        retry_after_seconds=settings.retry_after,
+    ))
+    health_servicer = health.aio.HealthServicer()
+    server = grpc_server.build_server(
+        grpc_server.AuthorizationServicer(pipeline, encoder),
+        health_servicer,
+        max_message_bytes=settings.max_message_bytes,
+        max_concurrent_checks=settings.max_concurrent_checks,
+    )
+    try:
+        port = server.add_insecure_port(settings.grpc_address)
+    except RuntimeError as exc:
+        raise StartupError(
+            f"AUTHZ_GRPC_ADDRESS (grpc_address): cannot listen on {settings.grpc_address}: {exc}"
+        ) from None
+    draining = False
+
+    def is_ready() -> bool:
+        return registry.ready and not draining
+
+    await server.start()
+    try:
+        runner = await http_server.start(settings.http_address, is_ready)
+    except OSError as exc:
+        await server.stop(None)
+        raise StartupError(
+            f"AUTHZ_HTTP_ADDRESS (http_address): cannot listen on {settings.http_address}: "
+            f"{exc.strerror}"
+        ) from None
+    for service in ("", grpc_server.AUTHORIZATION_SERVICE):
+        await health_servicer.set(service, _SERVING)
+    log.info("serving", extra={"fields": {
+        "event": "serving", "grpc_address": settings.grpc_address, "grpc_port": port,
+        "http_address": settings.http_address,
+    }})
+
+    await stop.wait()
+
+    # Report NOT_SERVING first and keep answering for drain_delay, so that probes and load
+    # balancers move traffic away; then refuse new checks and let in-flight ones finish.
+    draining = True
+    log.info("shutting down", extra={"fields": {
+        "event": "shutdown", "drain_seconds": settings.drain_delay,
+        "grace_seconds": settings.shutdown_grace}})
+    await health_servicer.enter_graceful_shutdown()
+    await asyncio.sleep(settings.drain_delay)
+    await server.stop(settings.shutdown_grace)
+    await runner.cleanup()
+    log.info("stopped", extra={"fields": {"event": "stopped"}})

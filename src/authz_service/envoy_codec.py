@@ -1,0 +1,141 @@
+"""The only module that knows Envoy's ext_authz protos: CheckRequest -> Request, Decision ->
+CheckResponse. It uses the upb-backed classes from xds-protos, which parse a CheckRequest in a
+few microseconds.
+
+Wire rules (see Envoy's ext_authz filter and external_auth.proto documentation):
+- Allow: ``ok_response.headers`` with ``append`` unset *overwrite* what the client sent, so a
+  client cannot smuggle its own ``x-client-id``. Identity headers we have no value for are put in
+  ``headers_to_remove`` for the same reason, together with ``authorization``.
+- Deny: a non-OK ``status`` plus an explicit ``denied_response.status``; Envoy would send 403 if
+  the HTTP status were left unset.
+- Metadata goes in ``CheckResponse.dynamic_metadata``; the ``ok_response`` field of that name is
+  deprecated and overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+
+from authz_service.model import Client, Decision, Request
+from authz_service.reasons import OUTCOMES, UNAUTHORIZED, UNAVAILABLE, Reason
+
+MAX_HEADER_VALUE_LENGTH = 256
+# Printable ASCII except "%": everything else is percent-encoded, so a registry-supplied value can
+# never carry CR, LF or NUL into a header (Envoy would turn that request into a 500).
+_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+_NON_HTTP = Request(is_http=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CodecSettings:
+    client_id_header: str = "x-client-id"
+    client_name_header: str = "x-client-name"
+    client_roles_header: str = "x-client-roles"
+    realm: str = "authz-service"
+    retry_after_seconds: int = 1
+
+
+def decode(check: CheckRequest) -> Request:
+    """Take from a CheckRequest what the pipeline needs."""
+    attributes = check.attributes.request
+    if not attributes.HasField("http"):
+        # Envoy's network (TCP) ext_authz filter, which Istio also installs, sends no HTTP part.
+        return _NON_HTTP
+    http = attributes.http
+    raw_headers = http.header_map.headers
+    if raw_headers:
+        # encode_raw_headers: repeated headers arrive as separate entries, values as raw bytes.
+        authorization = tuple(
+            entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+            for entry in raw_headers
+            if entry.key.lower() == "authorization"
+        )
+    else:
+        value = http.headers.get("authorization")
+        authorization = () if value is None else (value,)
+    return Request(
+        is_http=True,
+        authorization=authorization,
+        method=http.method,
+        host=http.host,
+        path=http.path.partition("?")[0].partition("#")[0],
+        request_id=http.id,
+    )
+
+
+class Encoder:
+    """Builds CheckResponses. Deny responses are constant per reason, so they are built once."""
+
+    def __init__(self, settings: CodecSettings) -> None:
+        self._settings = settings
+        self._identity_headers = (
+            settings.client_id_header,
+            settings.client_name_header,
+            settings.client_roles_header,
+        )
+        self._denials = {reason: self._build_denial(reason) for reason in Reason}
+
+    def encode(self, decision: Decision) -> CheckResponse:
+        if not decision.allowed:
+            return self._denials[decision.reason]
+        return self._allow(decision.client)
+
+    def _allow(self, client: Client | None) -> CheckResponse:
+        response = CheckResponse()
+        response.status.code = 0
+        ok = response.ok_response
+        if client is None:
+            ok.headers_to_remove.extend(("authorization", *self._identity_headers))
+            return response
+        values = (client.client_id, client.name, ",".join(client.roles))
+        for name, value in zip(self._identity_headers, values, strict=True):
+            if value:
+                ok.headers.append(
+                    HeaderValueOption(header=HeaderValue(key=name, value=sanitize(value)))
+                )
+            else:
+                ok.headers_to_remove.append(name)
+        ok.headers_to_remove.append("authorization")
+        response.dynamic_metadata.update({"client_id": client.client_id, "client_name": client.name})
+        return response
+
+    def _build_denial(self, reason: Reason) -> CheckResponse:
+        outcome = OUTCOMES[reason]
+        status = outcome.status
+        response = CheckResponse()
+        response.status.code = status.rpc_code
+        response.status.message = reason.value
+        if status.rpc_code == 0:
+            return response  # allow-only reasons never reach a denial
+        denied = response.denied_response
+        denied.status.code = status.http  # type: ignore[assignment]
+        headers = [
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+            ("x-ext-authz-reason", reason.value),
+        ]
+        if status is UNAUTHORIZED:
+            realm = self._settings.realm.replace("\\", "\\\\").replace('"', '\\"')
+            headers.append(("www-authenticate", f'ApiKey realm="{realm}"'))
+        if status is UNAVAILABLE:
+            headers.append(("retry-after", str(self._settings.retry_after_seconds)))
+        denied.headers.extend(
+            HeaderValueOption(header=HeaderValue(key=name, value=value)) for name, value in headers
+        )
+        denied.body = json.dumps(
+            {"error": status.error, "reason": reason.value, "message": outcome.message}
+        )
+        return response
+
+
+def sanitize(value: str) -> str:
+    """Make a registry-supplied string safe as an HTTP header value."""
+    value = value.strip()
+    if not (value.isascii() and value.isprintable() and "%" not in value):
+        value = quote(value, safe=_SAFE)
+    return value[:MAX_HEADER_VALUE_LENGTH]

@@ -1,0 +1,70 @@
+"""The gRPC face of the service: Envoy's Authorization API, standard health and reflection.
+
+The Authorization servicer only translates: decode -> pipeline -> encode. It never returns a gRPC
+error for a check, because Envoy would then apply ``failure_mode_allow``; every outcome,
+including our own failures, is an explicit CheckResponse.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz_service import envoy_codec
+from authz_service.model import Decision
+from authz_service.pipeline import Pipeline
+from authz_service.reasons import Reason
+
+log = logging.getLogger(__name__)
+
+AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, pipeline: Pipeline, encoder: envoy_codec.Encoder) -> None:
+        self._pipeline = pipeline
+        self._encoder = encoder
+
+    async def Check(  # noqa: N802 (the gRPC method name)
+        self, request: CheckRequest, context: grpc.aio.ServicerContext[CheckRequest, CheckResponse]
+    ) -> CheckResponse:
+        try:
+            decoded = envoy_codec.decode(request)
+        except Exception:
+            log.exception("undecodable CheckRequest; denying", extra={
+                "fields": {"event": "decode_error"}})
+            return self._encoder.encode(Decision.deny(Reason.INTERNAL_ERROR))
+        decision = await self._pipeline.check(decoded, context.time_remaining())
+        return self._encoder.encode(decision)
+
+
+def build_server(
+    servicer: AuthorizationServicer,
+    health_servicer: health.aio.HealthServicer,
+    max_message_bytes: int,
+    max_concurrent_checks: int,
+) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=max_concurrent_checks,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            AUTHORIZATION_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server

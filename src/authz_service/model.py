@@ -1,0 +1,56 @@
+"""The values that travel along the request path. Frozen, small, and free of Envoy types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from authz_service.reasons import Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the pipeline needs from one CheckRequest."""
+
+    is_http: bool
+    authorization: tuple[str, ...] = ()  # every Authorization value, as received
+    method: str = ""
+    host: str = ""
+    path: str = ""  # without query string or fragment
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """An API key taken from a request. The key itself never appears in a repr or a log."""
+
+    key: str = field(repr=False)
+    key_hash: str  # hex SHA-256 of the key: the only form that is stored or cached
+
+    def __repr__(self) -> str:
+        return f"Credential(key=<redacted>, key_hash={self.key_hash[:12]}...)"
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A registered API client, as the registry describes it."""
+
+    client_id: str
+    name: str
+    roles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The single outcome of a check; the codec and the logs read only this."""
+
+    allowed: bool
+    reason: Reason
+    client: Client | None = None
+
+    @classmethod
+    def allow(cls, client: Client | None, reason: Reason = Reason.ALLOWED) -> Decision:
+        return cls(allowed=True, reason=reason, client=client)
+
+    @classmethod
+    def deny(cls, reason: Reason) -> Decision:
+        return cls(allowed=False, reason=reason)

@@ -1,0 +1,77 @@
+"""One check, start to finish: credential -> resolution -> authorization -> Decision.
+
+This is the only place that turns failures into decisions: whatever goes wrong below, the caller
+gets a deny, never an exception that would leave the outcome to Envoy's ``failure_mode_allow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from authz_service import credentials, logs
+from authz_service.credentials import CredentialRules
+from authz_service.model import Decision, Request
+from authz_service.reasons import Reason
+from authz_service.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# Time kept back from the caller's deadline so that our answer reaches Envoy before it gives up.
+DEADLINE_MARGIN = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    credential_rules: CredentialRules
+    check_timeout: float  # seconds; our own bound, shorter than Envoy's ext_authz timeout
+    allow_non_http: bool = False
+
+
+class Pipeline:
+    def __init__(self, registry: Registry, settings: PipelineSettings) -> None:
+        self._registry = registry
+        self._rules = settings.credential_rules
+        self._timeout = settings.check_timeout
+        self._non_http = (
+            Decision.allow(None, Reason.NON_HTTP_REQUEST)
+            if settings.allow_non_http
+            else Decision.deny(Reason.NON_HTTP_REQUEST)
+        )
+
+    async def check(self, request: Request, time_remaining: float | None = None) -> Decision:
+        """Decide on one request, within our timeout and the caller's remaining time."""
+        started = time.perf_counter()
+        budget = self._timeout
+        if time_remaining is not None:
+            budget = min(budget, time_remaining - DEADLINE_MARGIN)
+        try:
+            async with asyncio.timeout(budget):
+                decision = await self._decide(request)
+        except TimeoutError:
+            decision = Decision.deny(Reason.DEADLINE_EXCEEDED)
+        except Exception:
+            log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
+            decision = Decision.deny(Reason.INTERNAL_ERROR)
+        logs.decision(request, decision, time.perf_counter() - started)
+        return decision
+
+    async def _decide(self, request: Request) -> Decision:
+        if not request.is_http:
+            return self._non_http
+
+        # 1. Identity: the request's one API key, checked offline.
+        credential = credentials.extract(request.authorization, self._rules)
+        if isinstance(credential, Reason):
+            return Decision.deny(credential)
+
+        # 2. Resolution: the key's client, from the registry.
+        client = await self._registry.lookup(credential)
+        if isinstance(client, Reason):
+            return Decision.deny(client)
+
+        # 3. Authorization: per-client access policy (RBAC) is not built yet, so every
+        #    identified client is allowed. It will sit here, between resolution and the answer.
+        return Decision.allow(client)

@@ -1,0 +1,72 @@
+"""Stable reason codes and the one table that turns each into an HTTP and gRPC status.
+
+Reason codes are part of the public contract: they appear in the ``x-ext-authz-reason`` header,
+in deny bodies, in decision logs and (later) as a metric label. Add codes; never rename them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    ALLOWED = "allowed"
+    MISSING_CREDENTIAL = "missing_credential"
+    UNSUPPORTED_SCHEME = "unsupported_scheme"
+    MALFORMED_CREDENTIAL = "malformed_credential"
+    MULTIPLE_CREDENTIALS = "multiple_credentials"
+    UNKNOWN_KEY = "unknown_key"
+    KEY_DISABLED = "key_disabled"
+    KEY_EXPIRED = "key_expired"
+    NON_HTTP_REQUEST = "non_http_request"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """How a denial travels: the HTTP status Envoy sends and the google.rpc code of the check."""
+
+    http: int
+    rpc_code: int  # google.rpc.Code
+    error: str  # the "error" member of the JSON deny body
+
+
+OK = Status(http=200, rpc_code=0, error="")
+UNAUTHORIZED = Status(http=401, rpc_code=16, error="unauthorized")  # UNAUTHENTICATED
+FORBIDDEN = Status(http=403, rpc_code=7, error="forbidden")  # PERMISSION_DENIED
+UNAVAILABLE = Status(http=503, rpc_code=14, error="unavailable")  # UNAVAILABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    message: str
+
+
+OUTCOMES: dict[Reason, Outcome] = {
+    Reason.ALLOWED: Outcome(OK, "Allowed."),
+    Reason.MISSING_CREDENTIAL: Outcome(
+        UNAUTHORIZED, "An API key is required: send 'Authorization: ApiKey <key>'."
+    ),
+    Reason.UNSUPPORTED_SCHEME: Outcome(
+        UNAUTHORIZED, "The Authorization header must use the ApiKey scheme."
+    ),
+    Reason.MALFORMED_CREDENTIAL: Outcome(UNAUTHORIZED, "The API key is malformed."),
+    Reason.MULTIPLE_CREDENTIALS: Outcome(
+        UNAUTHORIZED, "Send exactly one Authorization header with one API key."
+    ),
+    Reason.UNKNOWN_KEY: Outcome(UNAUTHORIZED, "The API key is not recognised."),
+    Reason.KEY_DISABLED: Outcome(UNAUTHORIZED, "The API key is disabled."),
+    Reason.KEY_EXPIRED: Outcome(UNAUTHORIZED, "The API key has expired."),
+    Reason.NON_HTTP_REQUEST: Outcome(
+        FORBIDDEN, "Only HTTP requests can be authorized by API key."
+    ),
+    Reason.DEADLINE_EXCEEDED: Outcome(
+        UNAVAILABLE, "Authorization could not complete in time; retry later."
+    ),
+    Reason.INTERNAL_ERROR: Outcome(
+        UNAVAILABLE, "Authorization is temporarily unavailable; retry later."
+    ),
+}

@@ -1,0 +1,207 @@
+"""The Envoy codec: what is read from a CheckRequest and what every Decision looks like on the wire."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+
+from authz_service.envoy_codec import CodecSettings, Encoder, decode, sanitize
+from authz_service.model import Client, Decision, Request
+from authz_service.reasons import OUTCOMES, Reason
+
+
+def http_check(
+    headers: dict[str, str] | None = None,
+    raw: list[tuple[str, bytes]] | None = None,
+    path: str = "/v1/things?x=1",
+) -> CheckRequest:
+    http = AttributeContext.HttpRequest(
+        id="req-1", method="POST", host="api.example", path=path, headers=headers or {}
+    )
+    if raw is not None:
+        http.header_map.CopyFrom(
+            HeaderMap(headers=[HeaderValue(key=k, raw_value=v) for k, v in raw])
+        )
+    return CheckRequest(
+        attributes=AttributeContext(request=AttributeContext.Request(http=http))
+    )
+
+
+class TestDecode:
+    def test_http_attributes_become_a_request(self) -> None:
+        """Method, host, request id and the Authorization value are taken as they are."""
+        request = decode(http_check({"authorization": "ApiKey abc", "other": "x"}))
+        assert request == Request(
+            is_http=True,
+            authorization=("ApiKey abc",),
+            method="POST",
+            host="api.example",
+            path="/v1/things",
+            request_id="req-1",
+        )
+
+    @pytest.mark.parametrize(
+        ("path", "expected"),
+        [("/a?b=c", "/a"), ("/a#frag", "/a"), ("/a?b#c", "/a"), ("/a", "/a"), ("", "")],
+    )
+    def test_the_path_loses_its_query_and_fragment(self, path: str, expected: str) -> None:
+        """Query strings never reach the pipeline or the logs."""
+        assert decode(http_check(path=path)).path == expected
+
+    def test_a_request_without_authorization_has_none(self) -> None:
+        """No header means an empty tuple, not an empty string."""
+        assert decode(http_check({})).authorization == ()
+
+    def test_raw_header_map_keeps_every_repeated_value(self) -> None:
+        """With encode_raw_headers, each Authorization entry is a separate value."""
+        request = decode(
+            http_check(raw=[("authorization", b"ApiKey a"), ("Authorization", b"ApiKey b")])
+        )
+        assert request.authorization == ("ApiKey a", "ApiKey b")
+
+    def test_raw_header_map_with_invalid_utf8_keeps_the_damage_visible(self) -> None:
+        """Invalid bytes become U+FFFD, which no key may contain, so the check will fail closed."""
+        request = decode(http_check(raw=[("authorization", b"ApiKey a\xffb")]))
+        assert request.authorization == ("ApiKey a\ufffdb",)
+
+    def test_raw_header_map_wins_over_the_merged_map(self) -> None:
+        """When both forms are present, the raw entries are authoritative."""
+        request = decode(
+            http_check({"authorization": "ApiKey merged"}, raw=[("authorization", b"ApiKey raw")])
+        )
+        assert request.authorization == ("ApiKey raw",)
+
+    def test_a_check_without_http_attributes_is_a_non_http_request(self) -> None:
+        """Envoy's network ext_authz sends no HTTP part; that is a request of its own kind."""
+        assert decode(CheckRequest()) == Request(is_http=False)
+
+
+ENCODER = Encoder(CodecSettings(realm='my "realm"', retry_after_seconds=7))
+CLIENT = Client(client_id="c-1", name="Client One", roles=("reader", "writer"))
+
+
+def headers_of(options: object) -> dict[str, str]:
+    return {o.header.key: o.header.value for o in options}  # type: ignore[attr-defined]
+
+
+class TestEncodeAllow:
+    def test_an_allow_sets_identity_headers_that_overwrite(self) -> None:
+        """Identity headers are set with append unset, so they replace any client-sent value."""
+        response = ENCODER.encode(Decision.allow(CLIENT))
+        assert response.status.code == 0
+        assert not response.HasField("denied_response")
+        assert headers_of(response.ok_response.headers) == {
+            "x-client-id": "c-1",
+            "x-client-name": "Client One",
+            "x-client-roles": "reader,writer",
+        }
+        for option in response.ok_response.headers:
+            assert not option.HasField("append")
+
+    def test_an_allow_removes_the_key_from_the_upstream_request(self) -> None:
+        """The Authorization header never reaches the upstream."""
+        response = ENCODER.encode(Decision.allow(CLIENT))
+        assert list(response.ok_response.headers_to_remove) == ["authorization"]
+
+    def test_identity_headers_without_a_value_are_removed(self) -> None:
+        """A client without roles cannot smuggle its own x-client-roles upstream."""
+        response = ENCODER.encode(Decision.allow(Client(client_id="c-2", name="Two")))
+        assert "x-client-roles" not in headers_of(response.ok_response.headers)
+        assert "x-client-roles" in response.ok_response.headers_to_remove
+
+    def test_an_allow_without_a_client_removes_every_identity_header(self) -> None:
+        """An allowed non-HTTP check carries no identity, and no client-sent one either."""
+        response = ENCODER.encode(Decision.allow(None, Reason.NON_HTTP_REQUEST))
+        assert set(response.ok_response.headers_to_remove) == {
+            "authorization", "x-client-id", "x-client-name", "x-client-roles"
+        }
+
+    def test_dynamic_metadata_names_the_client(self) -> None:
+        """Access logs can read client_id and client_name from the filter's metadata."""
+        response = ENCODER.encode(Decision.allow(CLIENT))
+        assert dict(response.dynamic_metadata) == {"client_id": "c-1", "client_name": "Client One"}
+        assert not response.ok_response.HasField("dynamic_metadata")
+
+    def test_header_names_are_configurable(self) -> None:
+        """Operators can rename the identity headers."""
+        encoder = Encoder(CodecSettings(client_id_header="x-app", client_name_header="x-app-name"))
+        response = encoder.encode(Decision.allow(CLIENT))
+        assert set(headers_of(response.ok_response.headers)) == {
+            "x-app", "x-app-name", "x-client-roles"
+        }
+
+
+class TestEncodeDeny:
+    @pytest.mark.parametrize("reason", [r for r in Reason if r is not Reason.ALLOWED])
+    def test_every_denial_carries_an_explicit_status_reason_and_json_body(
+        self, reason: Reason
+    ) -> None:
+        """The HTTP status is always set (Envoy would default to 403) and matches the table."""
+        response = ENCODER.encode(Decision.deny(reason))
+        outcome = OUTCOMES[reason]
+        assert response.status.code == outcome.status.rpc_code != 0
+        assert response.denied_response.status.code == outcome.status.http
+        headers = headers_of(response.denied_response.headers)
+        assert headers["x-ext-authz-reason"] == reason.value
+        assert headers["content-type"] == "application/json"
+        assert json.loads(response.denied_response.body) == {
+            "error": outcome.status.error, "reason": reason.value, "message": outcome.message,
+        }
+        assert not response.HasField("ok_response")
+        assert not response.dynamic_metadata
+
+    @pytest.mark.parametrize(
+        ("reason", "http", "rpc"),
+        [
+            (Reason.UNKNOWN_KEY, 401, 16),
+            (Reason.MULTIPLE_CREDENTIALS, 401, 16),
+            (Reason.NON_HTTP_REQUEST, 403, 7),
+            (Reason.DEADLINE_EXCEEDED, 503, 14),
+            (Reason.INTERNAL_ERROR, 503, 14),
+        ],
+    )
+    def test_statuses_follow_the_reason_table(self, reason: Reason, http: int, rpc: int) -> None:
+        """401 UNAUTHENTICATED, 403 PERMISSION_DENIED and 503 UNAVAILABLE."""
+        response = ENCODER.encode(Decision.deny(reason))
+        assert (response.denied_response.status.code, response.status.code) == (http, rpc)
+
+    def test_a_401_carries_the_apikey_challenge(self) -> None:
+        """WWW-Authenticate names the scheme and the configured realm, quoted."""
+        headers = headers_of(ENCODER.encode(Decision.deny(Reason.UNKNOWN_KEY)).denied_response.headers)
+        assert headers["www-authenticate"] == 'ApiKey realm="my \\"realm\\""'
+        assert "retry-after" not in headers
+
+    def test_a_503_tells_the_client_when_to_retry(self) -> None:
+        """Retry-After carries the configured number of seconds."""
+        headers = headers_of(
+            ENCODER.encode(Decision.deny(Reason.INTERNAL_ERROR)).denied_response.headers
+        )
+        assert headers["retry-after"] == "7"
+        assert "www-authenticate" not in headers
+
+    def test_responses_survive_a_round_trip_on_the_wire(self) -> None:
+        """What we build serialises and parses back unchanged."""
+        for decision in (Decision.allow(CLIENT), Decision.deny(Reason.UNKNOWN_KEY)):
+            response = ENCODER.encode(decision)
+            assert CheckResponse.FromString(response.SerializeToString()) == response
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("plain value", "plain value"),
+        ("  padded  ", "padded"),
+        ("evil\r\nx-admin: 1", "evil%0D%0Ax-admin: 1"),
+        ("nul\x00byte", "nul%00byte"),
+        ("100%", "100%25"),
+        ("Zoë", "Zo%C3%AB"),
+        ("x" * 300, "x" * 256),
+    ],
+)
+def test_registry_values_are_sanitised_for_headers(value: str, expected: str) -> None:
+    """No CR, LF, NUL or non-ASCII reaches a header; values are bounded in length."""
+    assert sanitize(value) == expected

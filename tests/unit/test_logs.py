@@ -1,0 +1,63 @@
+"""Logs are JSON lines, and credentials are redacted even when handed to a log call by mistake."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from authz_service.logs import JsonFormatter, decision
+from authz_service.model import Client, Decision, Request
+from authz_service.reasons import Reason
+
+
+def format_record(fields: dict[str, object], redacted: tuple[str, ...] = ("authorization",)) -> dict[str, object]:
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "hello", None, None)
+    record.fields = fields
+    return json.loads(JsonFormatter(redacted).format(record))  # type: ignore[no-any-return]
+
+
+def test_a_record_is_one_json_object_with_its_fields() -> None:
+    """Structured fields sit beside the timestamp, level, logger and message."""
+    line = format_record({"event": "x", "n": 1})
+    assert line["msg"] == "hello"
+    assert line["level"] == "info"
+    assert (line["event"], line["n"]) == ("x", 1)
+    assert str(line["ts"]).endswith("Z")
+
+
+def test_fields_on_the_redaction_list_are_replaced_at_any_depth() -> None:
+    """Names are matched case-insensitively, also inside nested mappings."""
+    line = format_record(
+        {"Authorization": "ApiKey secret", "nested": {"authorization": "secret"}, "ok": "v"}
+    )
+    assert line["Authorization"] == "[redacted]"
+    assert line["nested"] == {"authorization": "[redacted]"}
+    assert line["ok"] == "v"
+
+
+def test_a_decision_line_names_who_what_and_why_but_not_the_query(caplog: object) -> None:
+    """One info line per decision with client, reason, method, host, path, request id, latency."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("authz_service.decision")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        decision(
+            Request(is_http=True, authorization=("ApiKey secret-key",), method="GET",
+                    host="h", path="/p", request_id="r-1"),
+            Decision.allow(Client("c-1", "One")),
+            0.0012,
+        )
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert {k: line[k] for k in ("event", "decision", "reason", "client_id", "method", "host",
+                                  "path", "request_id", "latency_ms")} == {
+        "event": "decision", "decision": "allow", "reason": Reason.ALLOWED.value,
+        "client_id": "c-1", "method": "GET", "host": "h", "path": "/p", "request_id": "r-1",
+        "latency_ms": 1.2,
+    }
+    assert "secret-key" not in stream.getvalue()

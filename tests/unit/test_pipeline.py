@@ -1,0 +1,150 @@
+"""The pipeline decides, and fails closed: every error and every timeout is a deny."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from authz_service import apikeys
+from authz_service.credentials import CredentialRules
+from authz_service.model import Client, Credential, Decision, Request
+from authz_service.pipeline import Pipeline, PipelineSettings
+from authz_service.reasons import Reason
+
+KEY = "azk_known"
+CLIENT = Client(client_id="c-1", name="One")
+
+
+class FakeRegistry:
+    """Answers from a dict; can be told to hang or to fail."""
+
+    def __init__(self, answers: dict[str, Client | Reason], delay: float = 0.0,
+                 error: Exception | None = None) -> None:
+        self.answers = answers
+        self.delay = delay
+        self.error = error
+        self.lookups = 0
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def lookup(self, credential: Credential) -> Client | Reason:
+        self.lookups += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error:
+            raise self.error
+        return self.answers.get(credential.key_hash, Reason.UNKNOWN_KEY)
+
+
+def pipeline(registry: FakeRegistry, timeout: float = 1.0, allow_non_http: bool = False) -> Pipeline:
+    return Pipeline(registry, PipelineSettings(
+        credential_rules=CredentialRules(), check_timeout=timeout, allow_non_http=allow_non_http,
+    ))
+
+
+def http(authorization: tuple[str, ...]) -> Request:
+    return Request(is_http=True, authorization=authorization, method="GET", path="/")
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry({
+        apikeys.hash_key(KEY): CLIENT,
+        apikeys.hash_key("azk_disabled"): Reason.KEY_DISABLED,
+        apikeys.hash_key("azk_expired"): Reason.KEY_EXPIRED,
+    })
+
+
+async def test_a_known_key_is_allowed_with_its_client(registry: FakeRegistry) -> None:
+    """The registry's client becomes the decision's client."""
+    decision = await pipeline(registry).check(http((f"ApiKey {KEY}",)))
+    assert decision == Decision.allow(CLIENT)
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("azk_unknown", Reason.UNKNOWN_KEY),
+        ("azk_disabled", Reason.KEY_DISABLED),
+        ("azk_expired", Reason.KEY_EXPIRED),
+    ],
+)
+async def test_registry_refusals_become_denials(
+    registry: FakeRegistry, key: str, reason: Reason
+) -> None:
+    """Unknown, disabled and expired keys are denied with the registry's reason."""
+    assert await pipeline(registry).check(http((f"ApiKey {key}",))) == Decision.deny(reason)
+
+
+async def test_malformed_credentials_are_denied_without_a_lookup(registry: FakeRegistry) -> None:
+    """Offline rejection costs the registry nothing."""
+    for authorization in [(), ("Bearer x",), ("ApiKey a b",), ("ApiKey a", "ApiKey b")]:
+        decision = await pipeline(registry).check(http(authorization))
+        assert not decision.allowed
+    assert registry.lookups == 0
+
+
+async def test_a_slow_registry_is_a_503_within_our_timeout(registry: FakeRegistry) -> None:
+    """A lookup that outlives check_timeout is denied with deadline_exceeded, in time."""
+    registry.delay = 5.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    decision = await pipeline(registry, timeout=0.05).check(http((f"ApiKey {KEY}",)))
+    assert decision == Decision.deny(Reason.DEADLINE_EXCEEDED)
+    assert loop.time() - started < 1.0
+
+
+async def test_the_callers_deadline_shortens_our_timeout(registry: FakeRegistry) -> None:
+    """With less time left on the gRPC deadline than our timeout, we answer before it ends."""
+    registry.delay = 5.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    decision = await pipeline(registry, timeout=10).check(http((f"ApiKey {KEY}",)), 0.06)
+    assert decision == Decision.deny(Reason.DEADLINE_EXCEEDED)
+    assert loop.time() - started < 0.06
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("boom"), KeyError("x"), ValueError("bad answer"), OSError("down")]
+)
+async def test_any_registry_error_is_a_503_never_an_allow(
+    registry: FakeRegistry, error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exceptions become internal_error denials and are logged."""
+    registry.error = error
+    with caplog.at_level(logging.ERROR):
+        decision = await pipeline(registry).check(http((f"ApiKey {KEY}",)))
+    assert decision == Decision.deny(Reason.INTERNAL_ERROR)
+    assert "check failed" in caplog.text
+
+
+async def test_cancellation_propagates_and_decides_nothing(registry: FakeRegistry) -> None:
+    """When Envoy cancels the RPC, the check is abandoned rather than answered."""
+    registry.delay = 5.0
+    task = asyncio.create_task(pipeline(registry).check(http((f"ApiKey {KEY}",))))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_non_http_checks_are_denied_by_default(registry: FakeRegistry) -> None:
+    """Network (TCP) ext_authz checks get a deliberate 403, not a crash."""
+    decision = await pipeline(registry).check(Request(is_http=False))
+    assert decision == Decision.deny(Reason.NON_HTTP_REQUEST)
+
+
+async def test_non_http_checks_can_be_allowed_by_setting(registry: FakeRegistry) -> None:
+    """Operators who front raw TCP with other controls may allow them, without an identity."""
+    decision = await pipeline(registry, allow_non_http=True).check(Request(is_http=False))
+    assert decision == Decision.allow(None, Reason.NON_HTTP_REQUEST)
