@@ -1,8 +1,8 @@
 """The gRPC face of the service: Envoy's Authorization API, standard health and reflection.
 
-The Authorization servicer only translates: decode -> pipeline -> encode. It never returns a gRPC
+The Authorization handler only translates: decode -> pipeline -> encode. It never returns a gRPC
 error for a check, because Envoy would then apply ``failure_mode_allow``; every outcome,
-including our own failures, is an explicit CheckResponse.
+including a request we cannot parse and our own failures, is an explicit CheckResponse.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -23,24 +23,35 @@ from authz_service.reasons import Reason
 log = logging.getLogger(__name__)
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+class AuthorizationServicer:
+    """envoy.service.auth.v3.Authorization. Takes the raw request bytes so that parsing them is
+    inside our fail-closed handling rather than in gRPC's, which would answer with an error."""
+
     def __init__(self, pipeline: Pipeline, encoder: envoy_codec.Encoder) -> None:
         self._pipeline = pipeline
         self._encoder = encoder
 
-    async def Check(  # noqa: N802 (the gRPC method name)
-        self, request: CheckRequest, context: grpc.aio.ServicerContext[CheckRequest, CheckResponse]
+    async def check(
+        self, raw: bytes, context: grpc.aio.ServicerContext[bytes, CheckResponse]
     ) -> CheckResponse:
         try:
-            decoded = envoy_codec.decode(request)
+            request = envoy_codec.decode(CheckRequest.FromString(raw))
         except Exception:
             log.exception("undecodable CheckRequest; denying", extra={
-                "fields": {"event": "decode_error"}})
+                "fields": {"event": "decode_error", "bytes": len(raw)}})
             return self._encoder.encode(Decision.deny(Reason.INTERNAL_ERROR))
-        decision = await self._pipeline.check(decoded, context.time_remaining())
+        decision = await self._pipeline.check(request, context.time_remaining())
         return self._encoder.encode(decision)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                self.check, response_serializer=CheckResponse.SerializeToString,
+            ),
+        })
 
 
 def build_server(
@@ -50,6 +61,7 @@ def build_server(
     max_concurrent_checks: int,
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
+        handlers=(servicer.handler(),),
         maximum_concurrent_rpcs=max_concurrent_checks,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -57,14 +69,8 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (
-            AUTHORIZATION_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+        (AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
     return server

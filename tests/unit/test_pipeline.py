@@ -9,41 +9,13 @@ import pytest
 
 from authz_service import apikeys
 from authz_service.credentials import CredentialRules
-from authz_service.model import Client, Credential, Decision, Request
+from authz_service.model import Client, Decision, Request
 from authz_service.pipeline import Pipeline, PipelineSettings
 from authz_service.reasons import Reason
+from tests.fakes import FakeRegistry
 
 KEY = "azk_known"
 CLIENT = Client(client_id="c-1", name="One")
-
-
-class FakeRegistry:
-    """Answers from a dict; can be told to hang or to fail."""
-
-    def __init__(self, answers: dict[str, Client | Reason], delay: float = 0.0,
-                 error: Exception | None = None) -> None:
-        self.answers = answers
-        self.delay = delay
-        self.error = error
-        self.lookups = 0
-
-    @property
-    def ready(self) -> bool:
-        return True
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def lookup(self, credential: Credential) -> Client | Reason:
-        self.lookups += 1
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.error:
-            raise self.error
-        return self.answers.get(credential.key_hash, Reason.UNKNOWN_KEY)
 
 
 def pipeline(registry: FakeRegistry, timeout: float = 1.0, allow_non_http: bool = False) -> Pipeline:

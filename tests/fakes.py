@@ -1,0 +1,37 @@
+"""Test doubles for unit tests and in-process servers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from authz_service.model import Client, Credential
+from authz_service.reasons import Reason
+
+
+class FakeRegistry:
+    """Answers from a dict; can be told to hang or to fail."""
+
+    def __init__(self, answers: dict[str, Client | Reason], delay: float = 0.0,
+                 error: Exception | None = None) -> None:
+        self.answers = answers
+        self.delay = delay
+        self.error = error
+        self.lookups = 0
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def lookup(self, credential: Credential) -> Client | Reason:
+        self.lookups += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error:
+            raise self.error
+        return self.answers.get(credential.key_hash, Reason.UNKNOWN_KEY)
