@@ -11,8 +11,12 @@ from authz_service.reasons import Reason
 class FakeRegistry:
     """Answers from a dict; can be told to hang or to fail."""
 
-    def __init__(self, answers: dict[str, Client | Reason], delay: float = 0.0,
-                 error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        answers: dict[str, Client | Reason],
+        delay: float = 0.0,
+        error: Exception | None = None,
+    ) -> None:
         self.answers = answers
         self.delay = delay
         self.error = error

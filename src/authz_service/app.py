@@ -49,21 +49,26 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
 
 
 async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) -> None:
-    pipeline = Pipeline(registry, PipelineSettings(
-        credential_rules=CredentialRules(
-            max_key_length=settings.max_key_length,
-            require_checksum=settings.require_key_checksum,
+    pipeline = Pipeline(
+        registry,
+        PipelineSettings(
+            credential_rules=CredentialRules(
+                max_key_length=settings.max_key_length,
+                require_checksum=settings.require_key_checksum,
+            ),
+            check_timeout=settings.check_timeout,
+            allow_non_http=settings.non_http_requests == "allow",
         ),
-        check_timeout=settings.check_timeout,
-        allow_non_http=settings.non_http_requests == "allow",
-    ))
-    encoder = Encoder(CodecSettings(
-        client_id_header=settings.client_id_header,
-        client_name_header=settings.client_name_header,
-        client_roles_header=settings.client_roles_header,
-        realm=settings.realm,
-        retry_after_seconds=settings.retry_after,
-    ))
+    )
+    encoder = Encoder(
+        CodecSettings(
+            client_id_header=settings.client_id_header,
+            client_name_header=settings.client_name_header,
+            client_roles_header=settings.client_roles_header,
+            realm=settings.realm,
+            retry_after_seconds=settings.retry_after,
+        )
+    )
     health_servicer = health.aio.HealthServicer()
     server = grpc_server.build_server(
         grpc_server.AuthorizationServicer(pipeline, encoder),
@@ -93,19 +98,33 @@ async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) ->
         ) from None
     for service in ("", grpc_server.AUTHORIZATION_SERVICE):
         await health_servicer.set(service, _SERVING)
-    log.info("serving", extra={"fields": {
-        "event": "serving", "grpc_address": settings.grpc_address, "grpc_port": port,
-        "http_address": settings.http_address,
-    }})
+    log.info(
+        "serving",
+        extra={
+            "fields": {
+                "event": "serving",
+                "grpc_address": settings.grpc_address,
+                "grpc_port": port,
+                "http_address": settings.http_address,
+            }
+        },
+    )
 
     await stop.wait()
 
     # Report NOT_SERVING first and keep answering for drain_delay, so that probes and load
     # balancers move traffic away; then refuse new checks and let in-flight ones finish.
     draining = True
-    log.info("shutting down", extra={"fields": {
-        "event": "shutdown", "drain_seconds": settings.drain_delay,
-        "grace_seconds": settings.shutdown_grace}})
+    log.info(
+        "shutting down",
+        extra={
+            "fields": {
+                "event": "shutdown",
+                "drain_seconds": settings.drain_delay,
+                "grace_seconds": settings.shutdown_grace,
+            }
+        },
+    )
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_delay)
     await server.stop(settings.shutdown_grace)

@@ -24,21 +24,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--config", type=Path, metavar="FILE",
-        help="YAML file of settings (keys as listed below); the environment overrides it")
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML file of settings (keys as listed below); the environment overrides it",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
-        "serve", help="run the gRPC and HTTP servers",
+        "serve",
+        help="run the gRPC and HTTP servers",
         description="Serve Envoy's Authorization/Check, gRPC health and reflection on "
         "AUTHZ_GRPC_ADDRESS, and /healthz and /readyz on AUTHZ_HTTP_ADDRESS.",
-        epilog=settings_help, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=settings_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     keys = commands.add_parser("keys", help="manage the static keys file")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     add = key_commands.add_parser(
-        "add", help="create a key for a client; print it once",
+        "add",
+        help="create a key for a client; print it once",
         description="Generate a key, store its SHA-256 hash in the keys file and print the key "
-        "on standard output. It is never shown again.")
+        "on standard output. It is never shown again.",
+    )
     add.add_argument("--client-id", required=True)
     add.add_argument("--client-name", required=True)
     add.add_argument("--roles", default="", help="comma-separated roles")

@@ -101,7 +101,9 @@ class Encoder:
             else:
                 ok.headers_to_remove.append(name)
         ok.headers_to_remove.append("authorization")
-        response.dynamic_metadata.update({"client_id": client.client_id, "client_name": client.name})
+        response.dynamic_metadata.update(
+            {"client_id": client.client_id, "client_name": client.name}
+        )
         return response
 
     def _build_denial(self, reason: Reason) -> CheckResponse:
@@ -113,7 +115,7 @@ class Encoder:
         if status.rpc_code == 0:
             return response  # allow-only reasons never reach a denial
         denied = response.denied_response
-        denied.status.code = status.http  # type: ignore[assignment]
+        denied.status.code = status.http
         headers = [
             ("content-type", "application/json"),
             ("cache-control", "no-store"),

@@ -40,18 +40,24 @@ class AuthorizationServicer:
         try:
             request = envoy_codec.decode(CheckRequest.FromString(raw))
         except Exception:
-            log.exception("undecodable CheckRequest; denying", extra={
-                "fields": {"event": "decode_error", "bytes": len(raw)}})
+            log.exception(
+                "undecodable CheckRequest; denying",
+                extra={"fields": {"event": "decode_error", "bytes": len(raw)}},
+            )
             return self._encoder.encode(Decision.deny(Reason.INTERNAL_ERROR))
         decision = await self._pipeline.check(request, context.time_remaining())
         return self._encoder.encode(decision)
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                self.check, response_serializer=CheckResponse.SerializeToString,
-            ),
-        })
+        return grpc.method_handlers_generic_handler(
+            AUTHORIZATION_SERVICE,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check,
+                    response_serializer=CheckResponse.SerializeToString,
+                ),
+            },
+        )
 
 
 def build_server(

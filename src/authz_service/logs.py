@@ -58,7 +58,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def _timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
 
 
 def configure(
@@ -96,14 +99,19 @@ def decision(request: Request, decision: Decision, elapsed: float) -> None:
     if not _decisions.isEnabledFor(logging.INFO):
         return
     client = decision.client
-    _decisions.info("decision", extra={"fields": {
-        "event": "decision",
-        "decision": "allow" if decision.allowed else "deny",
-        "reason": decision.reason.value,
-        "client_id": client.client_id if client else None,
-        "method": request.method,
-        "host": request.host[:_MAX_FIELD_LENGTH],
-        "path": request.path[:_MAX_FIELD_LENGTH],
-        "request_id": request.request_id[:_MAX_FIELD_LENGTH],
-        "latency_ms": round(elapsed * 1000, 3),
-    }})
+    _decisions.info(
+        "decision",
+        extra={
+            "fields": {
+                "event": "decision",
+                "decision": "allow" if decision.allowed else "deny",
+                "reason": decision.reason.value,
+                "client_id": client.client_id if client else None,
+                "method": request.method,
+                "host": request.host[:_MAX_FIELD_LENGTH],
+                "path": request.path[:_MAX_FIELD_LENGTH],
+                "request_id": request.request_id[:_MAX_FIELD_LENGTH],
+                "latency_ms": round(elapsed * 1000, 3),
+            }
+        },
+    )

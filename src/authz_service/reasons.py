@@ -60,9 +60,7 @@ OUTCOMES: dict[Reason, Outcome] = {
     Reason.UNKNOWN_KEY: Outcome(UNAUTHORIZED, "The API key is not recognised."),
     Reason.KEY_DISABLED: Outcome(UNAUTHORIZED, "The API key is disabled."),
     Reason.KEY_EXPIRED: Outcome(UNAUTHORIZED, "The API key has expired."),
-    Reason.NON_HTTP_REQUEST: Outcome(
-        FORBIDDEN, "Only HTTP requests can be authorized by API key."
-    ),
+    Reason.NON_HTTP_REQUEST: Outcome(FORBIDDEN, "Only HTTP requests can be authorized by API key."),
     Reason.DEADLINE_EXCEEDED: Outcome(
         UNAVAILABLE, "Authorization could not complete in time; retry later."
     ),

@@ -36,6 +36,7 @@ def _address(unix_ok: bool) -> Callable[[str], str | None]:
         if sep and host and port.isdigit() and 0 <= int(port) <= 65535:
             return None
         return "expected host:port" + (" or unix:/path" if unix_ok else "")
+
     return check
 
 
@@ -59,57 +60,83 @@ def _realm(value: str) -> str | None:
 @dataclass(frozen=True, slots=True)
 class Settings:
     grpc_address: str = _setting(
-        "0.0.0.0:9001", "gRPC listen address (ext_authz, health, reflection): host:port or "
-        "unix:/path", _address(unix_ok=True))
+        "0.0.0.0:9001",
+        "gRPC listen address (ext_authz, health, reflection): host:port or unix:/path",
+        _address(unix_ok=True),
+    )
     http_address: str = _setting(
-        "0.0.0.0:9090", "HTTP listen address for /healthz and /readyz: host:port",
-        _address(unix_ok=False))
+        "0.0.0.0:9090",
+        "HTTP listen address for /healthz and /readyz: host:port",
+        _address(unix_ok=False),
+    )
     keys_file: Path = _setting(
-        Path("keys.yaml"), "YAML file of SHA-256 key hashes and their clients")
+        Path("keys.yaml"), "YAML file of SHA-256 key hashes and their clients"
+    )
     keys_reload_interval: float = _setting(
-        2.0, "seconds between checks of the keys file for changes (0: never reload)",
-        _between(0, 3600))
+        2.0,
+        "seconds between checks of the keys file for changes (0: never reload)",
+        _between(0, 3600),
+    )
     check_timeout: float = _setting(
-        0.15, "seconds one check may take before it is denied with 503; keep it below Envoy's "
-        "ext_authz timeout", _between(0.001, 30))
+        0.15,
+        "seconds one check may take before it is denied with 503; keep it below Envoy's "
+        "ext_authz timeout",
+        _between(0.001, 30),
+    )
     max_key_length: int = _setting(
-        128, "longest API key accepted, in characters", _between(16, 4096))
+        128, "longest API key accepted, in characters", _between(16, 4096)
+    )
     require_key_checksum: bool = _setting(
-        False, "deny keys that are not in the checksummed azk_ format without any lookup")
+        False, "deny keys that are not in the checksummed azk_ format without any lookup"
+    )
     non_http_requests: Literal["deny", "allow"] = _setting(
-        "deny", "answer to checks without HTTP attributes (Envoy's network/TCP ext_authz)")
+        "deny", "answer to checks without HTTP attributes (Envoy's network/TCP ext_authz)"
+    )
     realm: str = _setting(
-        "authz-service", "realm in the WWW-Authenticate challenge of 401 answers", _realm)
+        "authz-service", "realm in the WWW-Authenticate challenge of 401 answers", _realm
+    )
     client_id_header: str = _setting(
-        "x-client-id", "upstream header carrying the client id", _header_name)
+        "x-client-id", "upstream header carrying the client id", _header_name
+    )
     client_name_header: str = _setting(
-        "x-client-name", "upstream header carrying the client name", _header_name)
+        "x-client-name", "upstream header carrying the client name", _header_name
+    )
     client_roles_header: str = _setting(
-        "x-client-roles", "upstream header carrying the client's roles", _header_name)
-    retry_after: int = _setting(
-        1, "Retry-After seconds sent with 503 answers", _between(0, 3600))
+        "x-client-roles", "upstream header carrying the client's roles", _header_name
+    )
+    retry_after: int = _setting(1, "Retry-After seconds sent with 503 answers", _between(0, 3600))
     max_message_bytes: int = _setting(
-        1 << 20, "largest gRPC message accepted, in bytes", _between(4096, 64 << 20))
+        1 << 20, "largest gRPC message accepted, in bytes", _between(4096, 64 << 20)
+    )
     max_concurrent_checks: int = _setting(
-        1000, "checks served at once; beyond that gRPC refuses (Envoy then fails closed)",
-        _between(1, 100_000))
+        1000,
+        "checks served at once; beyond that gRPC refuses (Envoy then fails closed)",
+        _between(1, 100_000),
+    )
     drain_delay: float = _setting(
-        0.0, "seconds to keep answering after SIGTERM while health reports NOT_SERVING, so "
-        "load balancers stop sending checks before the port closes", _between(0, 300))
+        0.0,
+        "seconds to keep answering after SIGTERM while health reports NOT_SERVING, so "
+        "load balancers stop sending checks before the port closes",
+        _between(0, 300),
+    )
     shutdown_grace: float = _setting(
-        10.0, "seconds in-flight checks get to finish after SIGTERM", _between(0, 300))
+        10.0, "seconds in-flight checks get to finish after SIGTERM", _between(0, 300)
+    )
     log_level: Literal["debug", "info", "warning", "error"] = _setting(
-        "info", "log level; decisions are logged at info")
+        "info", "log level; decisions are logged at info"
+    )
     log_redact_fields: tuple[str, ...] = _setting(
         ("authorization", "api_key", "apikey", "key", "x-api-key", "token"),
-        "comma-separated log field names whose values are always replaced by [redacted]")
+        "comma-separated log field names whose values are always replaced by [redacted]",
+    )
 
     def __post_init__(self) -> None:
         headers = (self.client_id_header, self.client_name_header, self.client_roles_header)
         if len(set(headers)) != len(headers):
             raise SettingsError(
                 "AUTHZ_CLIENT_ID_HEADER, AUTHZ_CLIENT_NAME_HEADER, AUTHZ_CLIENT_ROLES_HEADER: "
-                "the identity headers must be three different names")
+                "the identity headers must be three different names"
+            )
 
 
 def env_name(name: str) -> str:
@@ -169,31 +196,54 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _coerce(raw: Any, kind: Any, where: str) -> Any:
+    if get_origin(kind) is Literal:
+        convert: Callable[[Any], Any] = _choice(get_args(kind))
+    elif get_origin(kind) is tuple:
+        convert = _names
+    else:
+        convert = _CONVERTERS[kind]
     try:
-        if get_origin(kind) is Literal:
-            choices = get_args(kind)
-            value = str(raw).strip().lower()
-            if value not in choices:
-                raise ValueError(f"expected one of {', '.join(choices)}")
-            return value
-        if kind is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError("expected true or false")
-            return text in {"true", "1", "yes"}
-        if kind is int and not isinstance(raw, bool):
-            return int(str(raw).strip())
-        if kind is float and not isinstance(raw, bool):
-            return float(str(raw).strip())
-        if kind is Path:
-            return Path(str(raw))
-        if kind is str:
-            return str(raw).strip()
-        if get_origin(kind) is tuple:
-            items = raw if isinstance(raw, list) else str(raw).split(",")
-            return tuple(str(item).strip() for item in items if str(item).strip())
+        return convert(raw)
     except ValueError as exc:
         raise SettingsError(f"{where}: {exc}; got {raw!r}") from None
-    raise SettingsError(f"{where}: expected {getattr(kind, '__name__', kind)}; got {raw!r}")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(raw: Any) -> str:
+        value = str(raw).strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return convert
+
+
+def _bool(raw: Any) -> bool:
+    text = str(raw).strip().lower()
+    if text in {"true", "1", "yes"}:
+        return True
+    if text in {"false", "0", "no"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _number(kind: type[int] | type[float]) -> Callable[[Any], int | float]:
+    def convert(raw: Any) -> int | float:
+        # Through str() first, so that YAML's true (an int to Python) is refused as a number.
+        return kind(str(raw).strip())
+
+    return convert
+
+
+def _names(raw: Any) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+_CONVERTERS: dict[Any, Callable[[Any], Any]] = {
+    bool: _bool,
+    int: _number(int),
+    float: _number(float),
+    str: lambda raw: str(raw).strip(),
+    Path: lambda raw: Path(str(raw)),
+}

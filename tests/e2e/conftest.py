@@ -27,10 +27,14 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     plain = add_key(path, "plain", "Plain Client")
     disabled = apikeys.generate()
     document = yaml.safe_load(path.read_text())
-    document["keys"].append({
-        "sha256": apikeys.hash_key(disabled), "client_id": "gone", "client_name": "Gone",
-        "enabled": False,
-    })
+    document["keys"].append(
+        {
+            "sha256": apikeys.hash_key(disabled),
+            "client_id": "gone",
+            "client_name": "Gone",
+            "enabled": False,
+        }
+    )
     path.write_text(yaml.safe_dump(document))
     return Keys(path, acme, plain, disabled)
 

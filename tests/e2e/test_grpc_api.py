@@ -1,4 +1,4 @@
-"""The gRPC surface as operators and Envoy use it: grpcurl, health, deadlines, bad input, shutdown."""
+"""The gRPC surface as operators and Envoy use it: grpcurl, health, deadlines, bad input, drain."""
 
 from __future__ import annotations
 
@@ -33,15 +33,25 @@ def grpcurl(service: harness.Service, *command: str, data: str | None = None) ->
     options = ["-d", data] if data is not None else []
     result = subprocess.run(
         [harness.tool("grpcurl"), "-plaintext", *options, service.grpc_target, *command],
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     return result.stdout
 
 
 def check_json(authorization: str | None) -> str:
     headers = {"authorization": authorization} if authorization else {}
-    return json.dumps({"attributes": {"request": {"http": {
-        "method": "GET", "host": "api", "path": "/x", "headers": headers}}}})
+    return json.dumps(
+        {
+            "attributes": {
+                "request": {
+                    "http": {"method": "GET", "host": "api", "path": "/x", "headers": headers}
+                }
+            }
+        }
+    )
 
 
 def test_reflection_lists_authorization_health_and_reflection(service: harness.Service) -> None:
@@ -84,8 +94,9 @@ def test_a_check_without_http_attributes_is_denied_deliberately(service: harness
 @pytest.mark.parametrize("name", ["", "envoy.service.auth.v3.Authorization"])
 def test_health_reports_serving(service: harness.Service, name: str) -> None:
     """Overall and per-service health are SERVING once ready."""
-    reply = json.loads(grpcurl(service, "grpc.health.v1.Health/Check",
-                               data=json.dumps({"service": name})))
+    reply = json.loads(
+        grpcurl(service, "grpc.health.v1.Health/Check", data=json.dumps({"service": name}))
+    )
     assert reply == {"status": "SERVING"}
 
 
@@ -110,13 +121,16 @@ def settings(**overrides: Any) -> Settings:
 
 
 async def readyz(config: Settings) -> int:
-    async with aiohttp.ClientSession() as session, session.get(
-        f"http://{config.http_address}/readyz"
-    ) as reply:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{config.http_address}/readyz") as reply,
+    ):
         return reply.status
 
 
-async def start(config: Settings, registry: FakeRegistry) -> tuple[asyncio.Event, asyncio.Task[None]]:
+async def start(
+    config: Settings, registry: FakeRegistry
+) -> tuple[asyncio.Event, asyncio.Task[None]]:
     stop = asyncio.Event()
     task = asyncio.create_task(app.serve(config, stop, registry))
     for _ in range(200):
@@ -130,14 +144,16 @@ async def start(config: Settings, registry: FakeRegistry) -> tuple[asyncio.Event
 
 
 def request(key: str = KEY) -> CheckRequest:
-    http = AttributeContext.HttpRequest(method="GET", path="/", headers={
-        "authorization": f"ApiKey {key}"})
+    http = AttributeContext.HttpRequest(
+        method="GET", path="/", headers={"authorization": f"ApiKey {key}"}
+    )
     return CheckRequest(attributes=AttributeContext(request=AttributeContext.Request(http=http)))
 
 
 def check_stub(channel: grpc.aio.Channel) -> Any:
     return channel.unary_unary(
-        CHECK_PATH, request_serializer=CheckRequest.SerializeToString,
+        CHECK_PATH,
+        request_serializer=CheckRequest.SerializeToString,
         response_deserializer=CheckResponse.FromString,
     )
 
@@ -164,7 +180,9 @@ async def test_unparsable_request_bytes_are_denied_not_errored() -> None:
     stop, task = await start(config, FakeRegistry({}))
     try:
         async with grpc.aio.insecure_channel(config.grpc_address) as channel:
-            raw = channel.unary_unary(CHECK_PATH, response_deserializer=CheckResponse.FromString)
+            raw: Any = channel.unary_unary(
+                CHECK_PATH, response_deserializer=CheckResponse.FromString
+            )
             reply = await raw(b"\xff\xff\xff\xff", timeout=5)
         assert reply.status.code == 14
         assert reply.denied_response.status.code == 503
@@ -174,7 +192,7 @@ async def test_unparsable_request_bytes_are_denied_not_errored() -> None:
 
 
 async def test_shutdown_reports_not_serving_then_finishes_in_flight_checks() -> None:
-    """On stop: health NOT_SERVING and /readyz 503 during the drain; the in-flight check completes."""
+    """On stop: NOT_SERVING and /readyz 503 during the drain; the in-flight check completes."""
     registry = FakeRegistry({apikeys.hash_key(KEY): Client("c", "C")}, delay=0.6)
     config = settings(drain_delay=0.3, shutdown_grace=5, check_timeout=5)
     stop, task = await start(config, registry)

@@ -46,7 +46,7 @@ def test_a_well_formed_apikey_header_yields_its_key(
         pytest.param(("ApiKey",), Reason.MALFORMED_CREDENTIAL, id="scheme without key"),
         pytest.param(("ApiKey   ",), Reason.MALFORMED_CREDENTIAL, id="scheme and spaces"),
         pytest.param(("ApiKey a b",), Reason.MALFORMED_CREDENTIAL, id="two tokens"),
-        pytest.param(("ApiKey ab\"c",), Reason.MALFORMED_CREDENTIAL, id="quote"),
+        pytest.param(('ApiKey ab"c',), Reason.MALFORMED_CREDENTIAL, id="quote"),
         pytest.param(("ApiKey abc;d",), Reason.MALFORMED_CREDENTIAL, id="semicolon"),
         pytest.param(("ApiKey ab\x00c",), Reason.MALFORMED_CREDENTIAL, id="NUL"),
         pytest.param(("ApiKey ab\ufffdc",), Reason.MALFORMED_CREDENTIAL, id="replaced byte"),

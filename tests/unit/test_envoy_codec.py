@@ -1,4 +1,4 @@
-"""The Envoy codec: what is read from a CheckRequest and what every Decision looks like on the wire."""
+"""The Envoy codec: what is read from a CheckRequest, and every Decision as it goes on the wire."""
 
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ def http_check(
         http.header_map.CopyFrom(
             HeaderMap(headers=[HeaderValue(key=k, raw_value=v) for k, v in raw])
         )
-    return CheckRequest(
-        attributes=AttributeContext(request=AttributeContext.Request(http=http))
-    )
+    return CheckRequest(attributes=AttributeContext(request=AttributeContext.Request(http=http)))
 
 
 class TestDecode:
@@ -117,7 +115,10 @@ class TestEncodeAllow:
         """An allowed non-HTTP check carries no identity, and no client-sent one either."""
         response = ENCODER.encode(Decision.allow(None, Reason.NON_HTTP_REQUEST))
         assert set(response.ok_response.headers_to_remove) == {
-            "authorization", "x-client-id", "x-client-name", "x-client-roles"
+            "authorization",
+            "x-client-id",
+            "x-client-name",
+            "x-client-roles",
         }
 
     def test_dynamic_metadata_names_the_client(self) -> None:
@@ -131,7 +132,9 @@ class TestEncodeAllow:
         encoder = Encoder(CodecSettings(client_id_header="x-app", client_name_header="x-app-name"))
         response = encoder.encode(Decision.allow(CLIENT))
         assert set(headers_of(response.ok_response.headers)) == {
-            "x-app", "x-app-name", "x-client-roles"
+            "x-app",
+            "x-app-name",
+            "x-client-roles",
         }
 
 
@@ -149,7 +152,9 @@ class TestEncodeDeny:
         assert headers["x-ext-authz-reason"] == reason.value
         assert headers["content-type"] == "application/json"
         assert json.loads(response.denied_response.body) == {
-            "error": outcome.status.error, "reason": reason.value, "message": outcome.message,
+            "error": outcome.status.error,
+            "reason": reason.value,
+            "message": outcome.message,
         }
         assert not response.HasField("ok_response")
         assert not response.dynamic_metadata
@@ -171,7 +176,9 @@ class TestEncodeDeny:
 
     def test_a_401_carries_the_apikey_challenge(self) -> None:
         """WWW-Authenticate names the scheme and the configured realm, quoted."""
-        headers = headers_of(ENCODER.encode(Decision.deny(Reason.UNKNOWN_KEY)).denied_response.headers)
+        headers = headers_of(
+            ENCODER.encode(Decision.deny(Reason.UNKNOWN_KEY)).denied_response.headers
+        )
         assert headers["www-authenticate"] == 'ApiKey realm="my \\"realm\\""'
         assert "retry-after" not in headers
 

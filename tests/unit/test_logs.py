@@ -11,7 +11,9 @@ from authz_service.model import Client, Decision, Request
 from authz_service.reasons import Reason
 
 
-def format_record(fields: dict[str, object], redacted: tuple[str, ...] = ("authorization",)) -> dict[str, object]:
+def format_record(
+    fields: dict[str, object], redacted: tuple[str, ...] = ("authorization",)
+) -> dict[str, object]:
     record = logging.LogRecord("t", logging.INFO, __file__, 1, "hello", None, None)
     record.fields = fields
     return json.loads(JsonFormatter(redacted).format(record))  # type: ignore[no-any-return]
@@ -46,18 +48,42 @@ def test_a_decision_line_names_who_what_and_why_but_not_the_query(caplog: object
     logger.setLevel(logging.INFO)
     try:
         decision(
-            Request(is_http=True, authorization=("ApiKey secret-key",), method="GET",
-                    host="h", path="/p", request_id="r-1"),
+            Request(
+                is_http=True,
+                authorization=("ApiKey secret-key",),
+                method="GET",
+                host="h",
+                path="/p",
+                request_id="r-1",
+            ),
             Decision.allow(Client("c-1", "One")),
             0.0012,
         )
     finally:
         logger.removeHandler(handler)
     line = json.loads(stream.getvalue())
-    assert {k: line[k] for k in ("event", "decision", "reason", "client_id", "method", "host",
-                                  "path", "request_id", "latency_ms")} == {
-        "event": "decision", "decision": "allow", "reason": Reason.ALLOWED.value,
-        "client_id": "c-1", "method": "GET", "host": "h", "path": "/p", "request_id": "r-1",
+    assert {
+        k: line[k]
+        for k in (
+            "event",
+            "decision",
+            "reason",
+            "client_id",
+            "method",
+            "host",
+            "path",
+            "request_id",
+            "latency_ms",
+        )
+    } == {
+        "event": "decision",
+        "decision": "allow",
+        "reason": Reason.ALLOWED.value,
+        "client_id": "c-1",
+        "method": "GET",
+        "host": "h",
+        "path": "/p",
+        "request_id": "r-1",
         "latency_ms": 1.2,
     }
     assert "secret-key" not in stream.getvalue()

@@ -18,10 +18,17 @@ KEY = "azk_known"
 CLIENT = Client(client_id="c-1", name="One")
 
 
-def pipeline(registry: FakeRegistry, timeout: float = 1.0, allow_non_http: bool = False) -> Pipeline:
-    return Pipeline(registry, PipelineSettings(
-        credential_rules=CredentialRules(), check_timeout=timeout, allow_non_http=allow_non_http,
-    ))
+def pipeline(
+    registry: FakeRegistry, timeout: float = 1.0, allow_non_http: bool = False
+) -> Pipeline:
+    return Pipeline(
+        registry,
+        PipelineSettings(
+            credential_rules=CredentialRules(),
+            check_timeout=timeout,
+            allow_non_http=allow_non_http,
+        ),
+    )
 
 
 def http(authorization: tuple[str, ...]) -> Request:
@@ -30,11 +37,13 @@ def http(authorization: tuple[str, ...]) -> Request:
 
 @pytest.fixture
 def registry() -> FakeRegistry:
-    return FakeRegistry({
-        apikeys.hash_key(KEY): CLIENT,
-        apikeys.hash_key("azk_disabled"): Reason.KEY_DISABLED,
-        apikeys.hash_key("azk_expired"): Reason.KEY_EXPIRED,
-    })
+    return FakeRegistry(
+        {
+            apikeys.hash_key(KEY): CLIENT,
+            apikeys.hash_key("azk_disabled"): Reason.KEY_DISABLED,
+            apikeys.hash_key("azk_expired"): Reason.KEY_EXPIRED,
+        }
+    )
 
 
 async def test_a_known_key_is_allowed_with_its_client(registry: FakeRegistry) -> None:

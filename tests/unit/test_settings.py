@@ -31,14 +31,22 @@ def test_the_environment_overrides_the_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"AUTHZ_GRPC_ADDRESS": "nowhere"}, "AUTHZ_GRPC_ADDRESS (grpc_address): expected host:port"),
-        ({"AUTHZ_HTTP_ADDRESS": "unix:/x"}, "AUTHZ_HTTP_ADDRESS (http_address): expected host:port"),
+        (
+            {"AUTHZ_GRPC_ADDRESS": "nowhere"},
+            "AUTHZ_GRPC_ADDRESS (grpc_address): expected host:port",
+        ),
+        (
+            {"AUTHZ_HTTP_ADDRESS": "unix:/x"},
+            "AUTHZ_HTTP_ADDRESS (http_address): expected host:port",
+        ),
         ({"AUTHZ_CHECK_TIMEOUT": "fast"}, "AUTHZ_CHECK_TIMEOUT (check_timeout): could not convert"),
         ({"AUTHZ_CHECK_TIMEOUT": "0"}, "AUTHZ_CHECK_TIMEOUT (check_timeout): must be between"),
         ({"AUTHZ_MAX_KEY_LENGTH": "8"}, "AUTHZ_MAX_KEY_LENGTH (max_key_length): must be between"),
         ({"AUTHZ_REQUIRE_KEY_CHECKSUM": "maybe"}, "AUTHZ_REQUIRE_KEY_CHECKSUM"),
-        ({"AUTHZ_NON_HTTP_REQUESTS": "shrug"}, "AUTHZ_NON_HTTP_REQUESTS (non_http_requests): "
-         "expected one of deny, allow"),
+        (
+            {"AUTHZ_NON_HTTP_REQUESTS": "shrug"},
+            "AUTHZ_NON_HTTP_REQUESTS (non_http_requests): expected one of deny, allow",
+        ),
         ({"AUTHZ_CLIENT_ID_HEADER": "X Client"}, "AUTHZ_CLIENT_ID_HEADER (client_id_header)"),
         ({"AUTHZ_CLIENT_ID_HEADER": "authorization"}, "'authorization' is reserved"),
         ({"AUTHZ_CLIENT_NAME_HEADER": "x-client-id"}, "three different names"),
@@ -64,8 +72,11 @@ def test_unix_sockets_are_accepted_for_grpc() -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("colour: red", "unknown setting 'colour'"), ("[1]", "expected a mapping"),
-     ("a: [", "not valid YAML")],
+    [
+        ("colour: red", "unknown setting 'colour'"),
+        ("[1]", "expected a mapping"),
+        ("a: [", "not valid YAML"),
+    ],
 )
 def test_a_bad_config_file_is_refused(tmp_path: Path, text: str, message: str) -> None:
     """Unknown keys are errors, not silently ignored typos."""

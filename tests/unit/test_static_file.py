@@ -48,7 +48,9 @@ class TestParse:
         aware = parse(document(entry(expires_at="2030-01-01T00:00:00+00:00")), "f")[HASH]
         naive = parse(
             "keys:\n- {sha256: " + HASH + ", client_id: c, client_name: n, "
-            "expires_at: 2030-01-01 00:00:00}\n", "f")[HASH]
+            "expires_at: 2030-01-01 00:00:00}\n",
+            "f",
+        )[HASH]
         assert aware.expires_at == naive.expires_at == 1893456000.0
 
     @pytest.mark.parametrize(
@@ -92,7 +94,9 @@ class Clock:
         return self.now
 
 
-async def started(path: Path, clock: Clock | None = None, interval: float = 0.0) -> StaticFileRegistry:
+async def started(
+    path: Path, clock: Clock | None = None, interval: float = 0.0
+) -> StaticFileRegistry:
     registry = StaticFileRegistry(path, interval, clock or Clock(0.0))
     await registry.start()
     return registry
@@ -102,11 +106,13 @@ class TestLookup:
     async def test_known_unknown_disabled_and_expired_keys(self, tmp_path: Path) -> None:
         """Each key state maps to a client or to its own reason."""
         path = tmp_path / "keys.yaml"
-        path.write_text(document(
-            entry(sha256=apikeys.hash_key("good")),
-            entry(sha256=apikeys.hash_key("off"), enabled=False),
-            entry(sha256=apikeys.hash_key("old"), expires_at="2030-01-01T00:00:00Z"),
-        ))
+        path.write_text(
+            document(
+                entry(sha256=apikeys.hash_key("good")),
+                entry(sha256=apikeys.hash_key("off"), enabled=False),
+                entry(sha256=apikeys.hash_key("old"), expires_at="2030-01-01T00:00:00Z"),
+            )
+        )
         clock = Clock(1893456000.0 - 1)
         registry = await started(path, clock)
         assert await registry.lookup(credential("good")) == Client("c-1", "One")
@@ -121,7 +127,7 @@ class TestLookup:
     ) -> None:
         """Starting without a keys file fails loudly, naming the setting."""
         registry = StaticFileRegistry(tmp_path / "none.yaml", 0)
-        with pytest.raises(KeysFileError, match="AUTHZ_KEYS_FILE.*keys add"):
+        with pytest.raises(KeysFileError, match=r"AUTHZ_KEYS_FILE.*keys add"):
             await registry.start()
         assert not registry.ready
 
@@ -133,9 +139,9 @@ class TestLookup:
             await started(path)
 
 
-async def wait_for(condition: object, timeout: float = 3.0) -> None:
+async def wait_for(condition: object, within: float = 3.0) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not condition():  # type: ignore[operator]
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
@@ -191,7 +197,8 @@ class TestAddKey:
         first = add_key(path, "c-1", "One")
         second = add_key(path, "c-1", "One")
         assert set(parse(path.read_text(), "f")) == {
-            apikeys.hash_key(first), apikeys.hash_key(second)
+            apikeys.hash_key(first),
+            apikeys.hash_key(second),
         }
 
     def test_an_invalid_entry_is_refused_and_nothing_is_written(self, tmp_path: Path) -> None:

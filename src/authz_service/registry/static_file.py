@@ -108,9 +108,7 @@ def _parse_entry(entry: Any, where: str) -> tuple[str, KeyRecord]:
     client_id = text("client_id", CLIENT_ID_PATTERN)
     name = text("client_name")
     if len(name) > _MAX_NAME_LENGTH or not name.isprintable():
-        raise KeysFileError(
-            f"{where}.client_name: at most {_MAX_NAME_LENGTH} printable characters"
-        )
+        raise KeysFileError(f"{where}.client_name: at most {_MAX_NAME_LENGTH} printable characters")
     roles = entry.get("roles", [])
     if not isinstance(roles, list) or len(roles) > _MAX_ROLES:
         raise KeysFileError(f"{where}.roles: expected a list of at most {_MAX_ROLES} roles")
@@ -241,9 +239,16 @@ class StaticFileRegistry:
     def _load(self, signature: tuple[int, int, int]) -> None:
         self._records = parse(self._path.read_text(), str(self._path))
         self._signature = signature
-        log.info("keys file loaded", extra={"fields": {
-            "event": "keys_file_loaded", "path": str(self._path), "keys": len(self._records),
-        }})
+        log.info(
+            "keys file loaded",
+            extra={
+                "fields": {
+                    "event": "keys_file_loaded",
+                    "path": str(self._path),
+                    "keys": len(self._records),
+                }
+            },
+        )
 
     async def _watch(self) -> None:
         while True:
@@ -256,8 +261,14 @@ class StaticFileRegistry:
                 # Remember the bad version so the error is logged once, not every poll.
                 with contextlib.suppress(OSError):
                     self._signature = self._stat()
-                log.error("keys file not reloaded; keeping the last good version", extra={
-                    "fields": {
-                        "event": "keys_file_rejected", "path": str(self._path),
-                        "error": str(exc), "keys": len(self._records),
-                    }})
+                log.error(
+                    "keys file not reloaded; keeping the last good version",
+                    extra={
+                        "fields": {
+                            "event": "keys_file_rejected",
+                            "path": str(self._path),
+                            "error": str(exc),
+                            "keys": len(self._records),
+                        }
+                    },
+                )
