@@ -32,6 +32,9 @@ class FakeRegistry:
     async def close(self) -> None:
         pass
 
+    def lookup_now(self, credential: Credential) -> None:
+        return None  # always take the waiting path, where delays and errors are injected
+
     async def lookup(self, credential: Credential) -> Client | Reason:
         self.lookups += 1
         if self.delay:

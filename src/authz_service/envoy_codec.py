@@ -25,6 +25,9 @@ from authz_service.model import Client, Decision, Request
 from authz_service.reasons import OUTCOMES, UNAUTHORIZED, UNAVAILABLE, Reason
 
 MAX_HEADER_VALUE_LENGTH = 256
+# Allow responses depend only on the client, so they are built once per client and reused
+# (never mutated after building). Bounded; cleared wholesale when full.
+_MAX_CACHED_ALLOWS = 10_000
 # Printable ASCII except "%": everything else is percent-encoded, so a registry-supplied value can
 # never carry CR, LF or NUL into a header (Envoy would turn that request into a 500).
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -79,13 +82,19 @@ class Encoder:
             settings.client_roles_header,
         )
         self._denials = {reason: self._build_denial(reason) for reason in Reason}
+        self._allows: dict[Client | None, CheckResponse] = {}
 
     def encode(self, decision: Decision) -> CheckResponse:
         if not decision.allowed:
             return self._denials[decision.reason]
-        return self._allow(decision.client)
+        response = self._allows.get(decision.client)
+        if response is None:
+            if len(self._allows) >= _MAX_CACHED_ALLOWS:
+                self._allows.clear()
+            response = self._allows[decision.client] = self._build_allow(decision.client)
+        return response
 
-    def _allow(self, client: Client | None) -> CheckResponse:
+    def _build_allow(self, client: Client | None) -> CheckResponse:
         response = CheckResponse()
         response.status.code = 0
         ok = response.ok_response

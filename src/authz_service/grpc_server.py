@@ -48,16 +48,12 @@ class AuthorizationServicer:
         decision = await self._pipeline.check(request, context.time_remaining())
         return self._encoder.encode(decision)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            AUTHORIZATION_SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check,
-                    response_serializer=CheckResponse.SerializeToString,
-                ),
-            },
-        )
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                self.check, response_serializer=CheckResponse.SerializeToString
+            ),
+        }
 
 
 def build_server(
@@ -67,7 +63,6 @@ def build_server(
     max_concurrent_checks: int,
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
-        handlers=(servicer.handler(),),
         maximum_concurrent_rpcs=max_concurrent_checks,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -75,6 +70,8 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
+    # Registered (not generic) handlers: gRPC finds them without a per-call handler search.
+    server.add_registered_method_handlers(AUTHORIZATION_SERVICE, servicer.method_handlers())
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server

@@ -8,11 +8,11 @@ still never reaches the output.
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -30,10 +30,12 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, redacted_fields: Iterable[str] = DEFAULT_REDACTED_FIELDS) -> None:
         super().__init__()
         self._redacted = frozenset(name.lower() for name in redacted_fields)
+        self._second = -1
+        self._second_text = ""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": _timestamp(record.created),
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -56,12 +58,13 @@ class JsonFormatter(logging.Formatter):
             for name, value in fields.items()
         }
 
-
-def _timestamp(created: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-        + f".{int(created % 1 * 1000):03d}Z"
-    )
+    def _timestamp(self, created: float) -> str:
+        # One strftime per second of log lines, not one per line.
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int(created % 1 * 1000):03d}Z"
 
 
 def configure(
@@ -69,29 +72,93 @@ def configure(
     redacted_fields: Iterable[str] = DEFAULT_REDACTED_FIELDS,
     stream: TextIO | None = None,
 ) -> None:
-    """Send every log record through a queue to a writer thread that formats and writes it.
+    """Route every log record through a bounded buffer that a writer thread drains in batches.
 
-    The event loop only enqueues; formatting and the write (which can block on a slow pipe)
-    happen on the listener thread.
+    The event loop only appends a record; formatting and the write (which can block on a slow
+    pipe) happen on the writer thread, a batch at a time, so a record costs no thread wake-up.
     """
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(redacted_fields))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
+    # The documented logging optimisations: skip caller, thread and process lookups per record.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    formatter = JsonFormatter(redacted_fields)
+    handler = BatchingHandler(stream or sys.stderr, formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(_NoCopyQueueHandler(records))
+    root.addHandler(handler)
     root.setLevel(level.upper())
-    listener.start()
-    atexit.register(listener.stop)
+    atexit.register(handler.close)
 
 
-class _NoCopyQueueHandler(logging.handlers.QueueHandler):
-    # The stock QueueHandler formats the message on the caller's thread; our formatter runs on
-    # the listener thread instead, so pass the record through untouched.
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+class BatchingHandler(logging.Handler):
+    """Buffers records and writes them from a daemon thread every ``interval`` seconds.
+
+    The buffer is bounded: when the writer cannot keep up, the newest records are dropped and a
+    line reporting how many were lost is written in their place.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        formatter: logging.Formatter,
+        interval: float = 0.05,
+        capacity: int = 100_000,
+    ) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self._stream = stream
+        self._interval = interval
+        self._capacity = capacity
+        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._dropped = 0
+        self._stopping = threading.Event()
+        self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: deque.append is atomic, and this runs on the event loop.
+        if len(self._records) >= self._capacity:
+            self._dropped += 1
+        else:
+            self._records.append(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+    def flush(self) -> None:
+        lines = []
+        while self._records:
+            record = self._records.popleft()
+            try:
+                lines.append(self.format(record))
+            except Exception:  # a broken record must not stop the writer
+                self.handleError(record)
+        if self._dropped:
+            dropped, self._dropped = self._dropped, 0
+            record = logging.LogRecord(
+                __name__, logging.WARNING, "", 0, "log records dropped", None, None
+            )
+            record.fields = {"event": "logs_dropped", "dropped": dropped}
+            lines.append(self.format(record))
+        if lines:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._writer.join(timeout=5)
+        self.flush()
+        super().close()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            try:
+                self.flush()
+            except OSError:  # stderr gone (for instance a closed pipe): nothing left to tell
+                return
 
 
 def decision(request: Request, decision: Decision, elapsed: float) -> None:

@@ -48,8 +48,7 @@ class Pipeline:
         if time_remaining is not None:
             budget = min(budget, time_remaining - DEADLINE_MARGIN)
         try:
-            async with asyncio.timeout(budget):
-                decision = await self._decide(request)
+            decision = await self._decide(request, budget)
         except TimeoutError:
             decision = Decision.deny(Reason.DEADLINE_EXCEEDED)
         except Exception:
@@ -58,7 +57,7 @@ class Pipeline:
         logs.decision(request, decision, time.perf_counter() - started)
         return decision
 
-    async def _decide(self, request: Request) -> Decision:
+    async def _decide(self, request: Request, budget: float) -> Decision:
         if not request.is_http:
             return self._non_http
 
@@ -67,8 +66,12 @@ class Pipeline:
         if isinstance(credential, Reason):
             return Decision.deny(credential)
 
-        # 2. Resolution: the key's client, from the registry.
-        client = await self._registry.lookup(credential)
+        # 2. Resolution: the key's client, from memory if possible, else from the registry
+        #    within the deadline (only waiting can overrun it, so only waiting pays for a timer).
+        client = self._registry.lookup_now(credential)
+        if client is None:
+            async with asyncio.timeout(budget):
+                client = await self._registry.lookup(credential)
         if isinstance(client, Reason):
             return Decision.deny(client)
 

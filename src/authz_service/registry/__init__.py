@@ -11,9 +11,12 @@ from authz_service.reasons import Reason
 class Registry(Protocol):
     """A source of truth for API keys.
 
-    ``lookup`` answers with the key's client, or with the reason the key must be refused
-    (``UNKNOWN_KEY``, ``KEY_DISABLED``, ``KEY_EXPIRED``). It raises on any failure to get an
-    answer; the pipeline turns that into a deny, never an allow.
+    An answer is the key's client, or the reason the key must be refused (``UNKNOWN_KEY``,
+    ``KEY_DISABLED``, ``KEY_EXPIRED``). ``lookup_now`` answers from memory without waiting, or
+    returns None when the answer needs I/O; the pipeline then awaits ``lookup`` under the
+    check's deadline. Keeping the two apart means an in-memory answer (a static file, a cache
+    hit) never pays for a deadline timer. Both raise on any failure to get an answer; the
+    pipeline turns that into a deny, never an allow.
     """
 
     @property
@@ -24,5 +27,7 @@ class Registry(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def lookup_now(self, credential: Credential) -> Client | Reason | None: ...
 
     async def lookup(self, credential: Credential) -> Client | Reason: ...

@@ -222,6 +222,9 @@ class StaticFileRegistry:
                 await self._watcher
 
     async def lookup(self, credential: Credential) -> Client | Reason:
+        return self.lookup_now(credential)
+
+    def lookup_now(self, credential: Credential) -> Client | Reason:
         record = self._records.get(credential.key_hash)
         if record is None:
             return Reason.UNKNOWN_KEY

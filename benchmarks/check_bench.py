@@ -1,0 +1,233 @@
+"""Cost of a check: our server against a bare constant-OK servicer, side by side in one run.
+
+    .venv/bin/python benchmarks/check_bench.py [--checks 20000] [--concurrency 32]
+
+Each server runs in its own process and gets the same load from a grpc.aio client in this
+process: a warm-up, then --checks checks of a realistic CheckRequest. Reported per server:
+checks/s and client-side p50/p99 latency (both depend on the shared 2-core machine), and the
+server's own CPU time per check from /proc (user + system), which is the figure to compare.
+Ours answers on the cache-hit path of the static keys file, with decision logging on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+
+HERE = Path(__file__).resolve().parent
+CHECK = "/envoy.service.auth.v3.Authorization/Check"
+TICKS = os.sysconf("SC_CLK_TCK")
+SERVER_CPU, CLIENT_CPU = 1, 0
+
+
+@dataclass
+class Result:
+    name: str
+    checks_per_second: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_check: float
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def check_request(key: str) -> bytes:
+    """Shaped like what Envoy sends for a typical API call."""
+    http = AttributeContext.HttpRequest(
+        id="4f1c9a52-8e0b-4f3b-9a59-1f0e5d2c7b11",
+        method="GET",
+        host="api.example.com",
+        path="/v1/orders/12345?expand=items",
+        scheme="http",
+        protocol="HTTP/1.1",
+        headers={
+            ":authority": "api.example.com",
+            ":method": "GET",
+            ":path": "/v1/orders/12345",
+            ":scheme": "http",
+            "authorization": f"ApiKey {key}",
+            "user-agent": "curl/8.5.0",
+            "accept": "*/*",
+            "x-forwarded-proto": "http",
+            "x-request-id": "4f1c9a52-8e0b-4f3b-9a59-1f0e5d2c7b11",
+        },
+    )
+    request = CheckRequest(
+        attributes=AttributeContext(
+            request=AttributeContext.Request(http=http),
+        )
+    )
+    return request.SerializeToString()
+
+
+async def drive(target: str, payload: bytes, checks: int, concurrency: int) -> list[float]:
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(CHECK, response_deserializer=CheckResponse.FromString)
+        remaining = checks
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                reply = await call(payload, timeout=5)
+                latencies.append(time.perf_counter() - started)
+                if reply.status.code != 0:
+                    raise RuntimeError(f"check denied: {reply.status.message}")
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def wait_for_port(target: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with grpc.insecure_channel(target) as channel:
+                grpc.channel_ready_future(channel).result(timeout=0.5)
+                return
+        except grpc.FutureTimeoutError:
+            continue
+    raise TimeoutError(target)
+
+
+def measure(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    target: str,
+    payload: bytes,
+    checks: int,
+    concurrency: int,
+) -> Result:
+    # The server gets one core to itself and the load generator the other, so that neither
+    # steals the other's cycles and CPU per check is comparable from server to server.
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}),
+    )
+    try:
+        wait_for_port(target, process)
+        asyncio.run(drive(target, payload, max(1000, checks // 10), concurrency))  # warm-up
+        cpu_before, started = cpu_seconds(process.pid), time.perf_counter()
+        latencies = asyncio.run(drive(target, payload, checks, concurrency))
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(process.pid) - cpu_before
+    finally:
+        process.terminate()
+        process.wait(10)
+    latencies.sort()
+    return Result(
+        name=name,
+        checks_per_second=checks / elapsed,
+        p50_ms=latencies[len(latencies) // 2] * 1000,
+        p99_ms=latencies[int(len(latencies) * 0.99)] * 1000,
+        cpu_us_per_check=cpu / checks * 1e6,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checks", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds per server; the median round is reported",
+    )
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {CLIENT_CPU})
+
+    from authz_service.registry.static_file import add_key  # noqa: PLC0415 (bench-only import)
+
+    workdir = Path(tempfile.mkdtemp(prefix="authz-bench-"))
+    keys = workdir / "keys.yaml"
+    key = add_key(keys, "bench", "Benchmark client", ("reader",))
+    payload = check_request(key)
+    env = {
+        **os.environ,
+        "AUTHZ_KEYS_FILE": str(keys),
+        "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
+        "AUTHZ_LOG_LEVEL": "info",
+    }
+    python = sys.executable
+    bare = str(HERE / "bare_server.py")
+    sock = workdir / "authz.sock"
+    runs = [
+        ("bare sync (tcp)", [python, bare, "sync", "{address}"], "tcp"),
+        ("bare aio (tcp)", [python, bare, "aio", "{address}"], "tcp"),
+        ("ours aio (tcp)", [python, "-m", "authz_service", "serve"], "tcp"),
+        ("bare aio (unix)", [python, bare, "aio", "{address}"], "unix"),
+        ("ours aio (unix)", [python, "-m", "authz_service", "serve"], "unix"),
+    ]
+    rounds: dict[str, list[Result]] = {name: [] for name, _, _ in runs}
+    for _ in range(args.rounds):  # interleaved, so that drift on the machine hits every server
+        for name, command, transport in runs:
+            address = f"unix:{sock}" if transport == "unix" else f"127.0.0.1:{free_port()}"
+            sock.unlink(missing_ok=True)
+            command = [part.format(address=address) for part in command]
+            rounds[name].append(
+                measure(
+                    name,
+                    command,
+                    {**env, "AUTHZ_GRPC_ADDRESS": address},
+                    address,
+                    payload,
+                    args.checks,
+                    args.concurrency,
+                )
+            )
+    results = {
+        name: sorted(runs_of, key=lambda r: r.cpu_us_per_check)[len(runs_of) // 2]
+        for name, runs_of in rounds.items()
+    }
+
+    print(
+        f"{args.checks} checks per server, concurrency {args.concurrency}, "
+        f"median of {args.rounds} interleaved rounds, "
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, grpcio {grpc.__version__}"
+    )
+    print(f"{'server':<18}{'checks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/check':>14}")
+    for r in results.values():
+        print(
+            f"{r.name:<18}{r.checks_per_second:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+            f"{r.cpu_us_per_check:>14.1f}"
+        )
+    for ours, floor in [
+        ("ours aio (tcp)", "bare aio (tcp)"),
+        ("ours aio (unix)", "bare aio (unix)"),
+        ("bare aio (tcp)", "bare sync (tcp)"),
+    ]:
+        ratio = results[ours].cpu_us_per_check / results[floor].cpu_us_per_check
+        print(f"CPU per check, {ours} / {floor}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
