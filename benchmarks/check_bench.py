@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
@@ -78,13 +79,14 @@ def check_request(key: str) -> bytes:
             request=AttributeContext.Request(http=http),
         )
     )
-    return request.SerializeToString()
+    payload: bytes = request.SerializeToString()
+    return payload
 
 
 async def drive(target: str, payload: bytes, checks: int, concurrency: int) -> list[float]:
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(CHECK, response_deserializer=CheckResponse.FromString)
+        call: Any = channel.unary_unary(CHECK, response_deserializer=CheckResponse.FromString)
         remaining = checks
 
         async def worker() -> None:
@@ -117,6 +119,7 @@ def wait_for_port(target: str, process: subprocess.Popen[bytes]) -> None:
 
 def measure(
     name: str,
+    *,
     command: list[str],
     env: dict[str, str],
     target: str,
@@ -127,11 +130,10 @@ def measure(
     # The server gets one core to itself and the load generator the other, so that neither
     # steals the other's cycles and CPU per check is comparable from server to server.
     process = subprocess.Popen(
-        command,
+        ["taskset", "--cpu-list", str(SERVER_CPU), *command],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}),
     )
     try:
         wait_for_port(target, process)
@@ -192,16 +194,16 @@ def main() -> None:
         for name, command, transport in runs:
             address = f"unix:{sock}" if transport == "unix" else f"127.0.0.1:{free_port()}"
             sock.unlink(missing_ok=True)
-            command = [part.format(address=address) for part in command]
+            argv = [part.format(address=address) for part in command]
             rounds[name].append(
                 measure(
                     name,
-                    command,
-                    {**env, "AUTHZ_GRPC_ADDRESS": address},
-                    address,
-                    payload,
-                    args.checks,
-                    args.concurrency,
+                    command=argv,
+                    env={**env, "AUTHZ_GRPC_ADDRESS": address},
+                    target=address,
+                    payload=payload,
+                    checks=args.checks,
+                    concurrency=args.concurrency,
                 )
             )
     results = {

@@ -78,7 +78,7 @@ def configure(
     pipe) happen on the writer thread, a batch at a time, so a record costs no thread wake-up.
     """
     # The documented logging optimisations: skip caller, thread and process lookups per record.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

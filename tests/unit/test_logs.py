@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 
-from authz_service.logs import JsonFormatter, decision
+from authz_service.logs import BatchingHandler, JsonFormatter, decision
 from authz_service.model import Client, Decision, Request
 from authz_service.reasons import Reason
 
@@ -87,3 +88,34 @@ def test_a_decision_line_names_who_what_and_why_but_not_the_query(caplog: object
         "latency_ms": 1.2,
     }
     assert "secret-key" not in stream.getvalue()
+
+
+def record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
+
+
+def test_the_batching_handler_writes_every_record_off_the_callers_thread() -> None:
+    """Records are written as JSON lines by the writer thread, and close() flushes the rest."""
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, JsonFormatter(), interval=0.01)
+    handler.handle(record("one"))
+    deadline = time.monotonic() + 2
+    while "one" not in stream.getvalue():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    handler.handle(record("two"))
+    handler.close()
+    assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == ["one", "two"]
+
+
+def test_the_batching_handler_is_bounded_and_says_what_it_dropped() -> None:
+    """Beyond capacity, records are dropped and one warning line counts them."""
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, JsonFormatter(), interval=60, capacity=3)
+    for n in range(5):
+        handler.handle(record(str(n)))
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["msg"] for line in lines[:3]] == ["0", "1", "2"]
+    assert lines[3]["event"] == "logs_dropped"
+    assert lines[3]["dropped"] == 2
