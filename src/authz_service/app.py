@@ -58,6 +58,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) ->
                 require_checksum=settings.require_key_checksum,
             ),
             check_timeout=settings.check_timeout,
+            max_in_flight=settings.max_concurrent_checks,
             allow_non_http=settings.non_http_requests == "allow",
         ),
     )
@@ -75,7 +76,6 @@ async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) ->
         grpc_server.AuthorizationServicer(pipeline, encoder),
         health_servicer,
         max_message_bytes=settings.max_message_bytes,
-        max_concurrent_checks=settings.max_concurrent_checks,
     )
     try:
         port = server.add_insecure_port(settings.grpc_address)

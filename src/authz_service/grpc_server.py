@@ -61,10 +61,11 @@ def build_server(
     servicer: AuthorizationServicer,
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
-    max_concurrent_checks: int,
 ) -> grpc.aio.Server:
+    # No maximum_concurrent_rpcs: the pipeline bounds checks in flight itself and answers with
+    # an explicit deny, where gRPC's limit would answer RESOURCE_EXHAUSTED (an error that
+    # Envoy's failure_mode_allow could turn into an allow) and cost every call a callback.
     server = grpc.aio.server(
-        maximum_concurrent_rpcs=max_concurrent_checks,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

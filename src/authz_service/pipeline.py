@@ -27,6 +27,7 @@ DEADLINE_MARGIN = 0.01
 class PipelineSettings:
     credential_rules: CredentialRules
     check_timeout: float  # seconds; our own bound, shorter than Envoy's ext_authz timeout
+    max_in_flight: int = 1000  # checks in progress at once; beyond that, deny with 503
     allow_non_http: bool = False
 
 
@@ -35,6 +36,8 @@ class Pipeline:
         self._registry = registry
         self._rules = settings.credential_rules
         self._timeout = settings.check_timeout
+        self._max_in_flight = settings.max_in_flight
+        self._in_flight = 0
         self._non_http = (
             Decision.allow(None, Reason.NON_HTTP_REQUEST)
             if settings.allow_non_http
@@ -47,6 +50,13 @@ class Pipeline:
         budget = self._timeout
         if time_remaining is not None:
             budget = min(budget, time_remaining - DEADLINE_MARGIN)
+        # An explicit 503 rather than a gRPC RESOURCE_EXHAUSTED: a gRPC error would leave the
+        # outcome to Envoy's failure_mode_allow.
+        if self._in_flight >= self._max_in_flight:
+            decision = Decision.deny(Reason.OVERLOADED)
+            logs.decision(request, decision, time.perf_counter() - started)
+            return decision
+        self._in_flight += 1
         try:
             decision = await self._decide(request, budget)
         except TimeoutError:
@@ -54,6 +64,8 @@ class Pipeline:
         except Exception:
             log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
             decision = Decision.deny(Reason.INTERNAL_ERROR)
+        finally:
+            self._in_flight -= 1
         logs.decision(request, decision, time.perf_counter() - started)
         return decision
 

@@ -20,6 +20,7 @@ class Reason(StrEnum):
     KEY_DISABLED = "key_disabled"
     KEY_EXPIRED = "key_expired"
     NON_HTTP_REQUEST = "non_http_request"
+    OVERLOADED = "overloaded"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL_ERROR = "internal_error"
 
@@ -61,6 +62,9 @@ OUTCOMES: dict[Reason, Outcome] = {
     Reason.KEY_DISABLED: Outcome(UNAUTHORIZED, "The API key is disabled."),
     Reason.KEY_EXPIRED: Outcome(UNAUTHORIZED, "The API key has expired."),
     Reason.NON_HTTP_REQUEST: Outcome(FORBIDDEN, "Only HTTP requests can be authorized by API key."),
+    Reason.OVERLOADED: Outcome(
+        UNAVAILABLE, "Too many authorization checks are in progress; retry later."
+    ),
     Reason.DEADLINE_EXCEEDED: Outcome(
         UNAVAILABLE, "Authorization could not complete in time; retry later."
     ),

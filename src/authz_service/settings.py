@@ -110,7 +110,7 @@ class Settings:
     )
     max_concurrent_checks: int = _setting(
         1000,
-        "checks served at once; beyond that gRPC refuses (Envoy then fails closed)",
+        "checks in progress at once; beyond that new checks are denied with 503 overloaded",
         _between(1, 100_000),
     )
     drain_delay: float = _setting(

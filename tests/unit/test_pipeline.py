@@ -19,13 +19,17 @@ CLIENT = Client(client_id="c-1", name="One")
 
 
 def pipeline(
-    registry: FakeRegistry, timeout: float = 1.0, allow_non_http: bool = False
+    registry: FakeRegistry,
+    timeout: float = 1.0,
+    allow_non_http: bool = False,
+    max_in_flight: int = 1000,
 ) -> Pipeline:
     return Pipeline(
         registry,
         PipelineSettings(
             credential_rules=CredentialRules(),
             check_timeout=timeout,
+            max_in_flight=max_in_flight,
             allow_non_http=allow_non_http,
         ),
     )
@@ -129,3 +133,15 @@ async def test_non_http_checks_can_be_allowed_by_setting(registry: FakeRegistry)
     """Operators who front raw TCP with other controls may allow them, without an identity."""
     decision = await pipeline(registry, allow_non_http=True).check(Request(is_http=False))
     assert decision == Decision.allow(None, Reason.NON_HTTP_REQUEST)
+
+
+async def test_checks_beyond_the_in_flight_bound_are_denied_at_once(registry: FakeRegistry) -> None:
+    """With the bound reached, a new check gets 503 overloaded instead of queueing."""
+    registry.delay = 0.2
+    checks = pipeline(registry, max_in_flight=2)
+    request = http((f"ApiKey {KEY}",))
+    first = [asyncio.create_task(checks.check(request)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert await checks.check(request) == Decision.deny(Reason.OVERLOADED)
+    assert [await task for task in first] == [Decision.allow(CLIENT)] * 2
+    assert await checks.check(request) == Decision.allow(CLIENT)
