@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from authz_service import apikeys
 from authz_service.credentials import CredentialRules, extract
@@ -87,3 +89,16 @@ def test_a_credential_never_shows_its_key() -> None:
     credential = extract((f"ApiKey {KEY}",), RULES)
     assert KEY not in repr(credential)
     assert KEY not in str(credential)
+
+
+@given(st.lists(st.text(max_size=200), max_size=3))
+def test_no_header_value_can_crash_the_parser_or_smuggle_a_bad_key(values: list[str]) -> None:
+    """Any input yields a reason or a key that satisfies every rule."""
+    result = extract(tuple(values), RULES)
+    if isinstance(result, Credential):
+        assert len(values) == 1
+        assert 0 < len(result.key) <= RULES.max_key_length
+        assert result.key.isascii()
+        assert not any(c in result.key for c in ' \t\r\n,;"\x00')
+    else:
+        assert isinstance(result, Reason)

@@ -1,0 +1,34 @@
+"""The Authorization handler answers every input with a CheckResponse, never an exception."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authz_service.credentials import CredentialRules
+from authz_service.envoy_codec import CodecSettings, Encoder
+from authz_service.grpc_server import AuthorizationServicer
+from authz_service.pipeline import Pipeline, PipelineSettings
+from tests.fakes import FakeRegistry
+
+
+class Context:
+    def time_remaining(self) -> float:
+        return 1.0
+
+
+SERVICER = AuthorizationServicer(
+    Pipeline(FakeRegistry({}), PipelineSettings(CredentialRules(), check_timeout=1.0)),
+    Encoder(CodecSettings()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+async def test_arbitrary_request_bytes_get_a_denial_and_never_an_error(raw: bytes) -> None:
+    """Garbage, truncated or random protobuf bytes are denied; nothing raises."""
+    context: Any = Context()
+    response = await SERVICER.check(raw, context)
+    assert response.status.code != 0
