@@ -1,47 +1,23 @@
-"""Validated, frozen settings. Each has a default, an environment variable and a config-file key.
-
-Precedence: default < config file (``--config``, YAML, keys are the field names) < environment.
-Every value is validated at start; an error names the setting as both its variable and its key.
+"""The ext_authz service's settings. Each has a default, an environment variable (``AUTHZ_``
+and the name in capitals) and a config-file key (the name); see ``config`` for the rules.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Literal
 
-import yaml
+from authz_service.config import SettingsError, address, between
+from authz_service.config import describe as describe_settings
+from authz_service.config import load as load_settings
+from authz_service.config import setting as _setting
 
 ENV_PREFIX = "AUTHZ_"
 _HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _RESERVED_HEADERS = frozenset({"authorization", "host", "content-length", "x-ext-authz-reason"})
-
-
-class SettingsError(ValueError):
-    """A setting is invalid; the message names it."""
-
-
-def _setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "check": check})
-
-
-def _address(unix_ok: bool) -> Callable[[str], str | None]:
-    def check(value: str) -> str | None:
-        if unix_ok and value.startswith("unix:") and len(value) > len("unix:"):
-            return None
-        host, sep, port = value.rpartition(":")
-        if sep and host and port.isdigit() and 0 <= int(port) <= 65535:
-            return None
-        return "expected host:port" + (" or unix:/path" if unix_ok else "")
-
-    return check
-
-
-def _between(low: float, high: float) -> Callable[[float], str | None]:
-    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
 
 
 def _header_name(value: str) -> str | None:
@@ -62,12 +38,12 @@ class Settings:
     grpc_address: str = _setting(
         "0.0.0.0:9001",
         "gRPC listen address (ext_authz, health, reflection): host:port or unix:/path",
-        _address(unix_ok=True),
+        address(unix_ok=True),
     )
     http_address: str = _setting(
         "0.0.0.0:9090",
         "HTTP listen address for /healthz and /readyz: host:port",
-        _address(unix_ok=False),
+        address(unix_ok=False),
     )
     keys_file: Path = _setting(
         Path("keys.yaml"), "YAML file of SHA-256 key hashes and their clients"
@@ -75,16 +51,16 @@ class Settings:
     keys_reload_interval: float = _setting(
         2.0,
         "seconds between checks of the keys file for changes (0: never reload)",
-        _between(0, 3600),
+        between(0, 3600),
     )
     check_timeout: float = _setting(
         0.15,
         "seconds one check may take before it is denied with 503; keep it below Envoy's "
         "ext_authz timeout",
-        _between(0.001, 30),
+        between(0.001, 30),
     )
     max_key_length: int = _setting(
-        128, "longest API key accepted, in characters", _between(16, 4096)
+        128, "longest API key accepted, in characters", between(16, 4096)
     )
     require_key_checksum: bool = _setting(
         False, "deny keys that are not in the checksummed azk_ format without any lookup"
@@ -104,23 +80,23 @@ class Settings:
     client_roles_header: str = _setting(
         "x-client-roles", "upstream header carrying the client's roles", _header_name
     )
-    retry_after: int = _setting(1, "Retry-After seconds sent with 503 answers", _between(0, 3600))
+    retry_after: int = _setting(1, "Retry-After seconds sent with 503 answers", between(0, 3600))
     max_message_bytes: int = _setting(
-        1 << 20, "largest gRPC message accepted, in bytes", _between(4096, 64 << 20)
+        1 << 20, "largest gRPC message accepted, in bytes", between(4096, 64 << 20)
     )
     max_concurrent_checks: int = _setting(
         1000,
         "checks in progress at once; beyond that new checks are denied with 503 overloaded",
-        _between(1, 100_000),
+        between(1, 100_000),
     )
     drain_delay: float = _setting(
         0.0,
         "seconds to keep answering after SIGTERM while health reports NOT_SERVING, so "
         "load balancers stop sending checks before the port closes",
-        _between(0, 300),
+        between(0, 300),
     )
     shutdown_grace: float = _setting(
-        10.0, "seconds in-flight checks get to finish after SIGTERM", _between(0, 300)
+        10.0, "seconds in-flight checks get to finish after SIGTERM", between(0, 300)
     )
     log_level: Literal["debug", "info", "warning", "error"] = _setting(
         "info", "log level; decisions are logged at info"
@@ -145,105 +121,12 @@ def env_name(name: str) -> str:
 
 def load(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Build settings from the defaults, an optional YAML file and the environment."""
-    environ = os.environ if environ is None else environ
-    from_file = _read_config(config_file) if config_file else {}
-    names = {f.name for f in fields(Settings)}
-    unknown = sorted(set(from_file) - names)
-    if unknown:
-        raise SettingsError(f"{config_file}: unknown setting {unknown[0]!r}")
-    hints = get_type_hints(Settings)
-    values: dict[str, Any] = {}
-    for f in fields(Settings):
-        where = f"{env_name(f.name)} ({f.name})"
-        if env_name(f.name) in environ:
-            raw: Any = environ[env_name(f.name)]
-        elif f.name in from_file:
-            raw = from_file[f.name]
-        else:
-            continue
-        value = _coerce(raw, hints[f.name], where)
-        problem = f.metadata["check"](value) if f.metadata["check"] else None
-        if problem:
-            raise SettingsError(f"{where}: {problem}; got {raw!r}")
-        values[f.name] = value
-    return Settings(**values)
+    return load_settings(Settings, ENV_PREFIX, config_file, environ)
 
 
 def describe() -> str:
     """One paragraph per setting, for --help."""
-    lines = []
-    for f in fields(Settings):
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(default)
-        lines.append(f"  {env_name(f.name)}  (config key: {f.name}; default: {default})")
-        lines.append(f"      {f.metadata['doc']}")
-    return "\n".join(lines)
+    return describe_settings(Settings, ENV_PREFIX)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SettingsError(f"--config {path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"--config {path}: not valid YAML: {exc}") from None
-    if document is None:
-        return {}
-    if not isinstance(document, dict):
-        raise SettingsError(f"--config {path}: expected a mapping of setting names to values")
-    return document
-
-
-def _coerce(raw: Any, kind: Any, where: str) -> Any:
-    if get_origin(kind) is Literal:
-        convert: Callable[[Any], Any] = _choice(get_args(kind))
-    elif get_origin(kind) is tuple:
-        convert = _names
-    else:
-        convert = _CONVERTERS[kind]
-    try:
-        return convert(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{where}: {exc}; got {raw!r}") from None
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
-    def convert(raw: Any) -> str:
-        value = str(raw).strip().lower()
-        if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-        return value
-
-    return convert
-
-
-def _bool(raw: Any) -> bool:
-    text = str(raw).strip().lower()
-    if text in {"true", "1", "yes"}:
-        return True
-    if text in {"false", "0", "no"}:
-        return False
-    raise ValueError("expected true or false")
-
-
-def _number(kind: type[int] | type[float]) -> Callable[[Any], int | float]:
-    def convert(raw: Any) -> int | float:
-        # Through str() first, so that YAML's true (an int to Python) is refused as a number.
-        return kind(str(raw).strip())
-
-    return convert
-
-
-def _names(raw: Any) -> tuple[str, ...]:
-    items = raw if isinstance(raw, list) else str(raw).split(",")
-    return tuple(str(item).strip() for item in items if str(item).strip())
-
-
-_CONVERTERS: dict[Any, Callable[[Any], Any]] = {
-    bool: _bool,
-    int: _number(int),
-    float: _number(float),
-    str: lambda raw: str(raw).strip(),
-    Path: lambda raw: Path(str(raw)),
-}
+__all__ = ["Settings", "SettingsError", "describe", "env_name", "load"]

@@ -1,0 +1,157 @@
+"""Settings machinery shared by the project's commands: each setting is a dataclass field with a
+default, an environment variable, a config-file key, a description and a check.
+
+Precedence: default < config file (YAML, keys are the field names) < environment. An error names
+the setting as both its variable and its key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+def setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    """A settings field: its default, its description for --help, and an optional check."""
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def address(unix_ok: bool) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if unix_ok and value.startswith("unix:") and len(value) > len("unix:"):
+            return None
+        host, sep, port = value.rpartition(":")
+        if sep and host and port.isdigit() and 0 <= int(port) <= 65535:
+            return None
+        return "expected host:port" + (" or unix:/path" if unix_ok else "")
+
+    return check
+
+
+def between(low: float, high: float) -> Callable[[float], str | None]:
+    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
+
+
+def load(
+    cls: type[T],
+    prefix: str,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Build ``cls`` from its defaults, an optional YAML file and the environment."""
+    environ = os.environ if environ is None else environ
+    from_file = _read_config(config_file) if config_file else {}
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(from_file) - names)
+    if unknown:
+        raise SettingsError(f"{config_file}: unknown setting {unknown[0]!r}")
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        variable = prefix + f.name.upper()
+        where = f"{variable} ({f.name})"
+        if variable in environ:
+            raw: Any = environ[variable]
+        elif f.name in from_file:
+            raw = from_file[f.name]
+        else:
+            continue
+        value = _coerce(raw, hints[f.name], where)
+        problem = f.metadata["check"](value) if f.metadata["check"] else None
+        if problem:
+            raise SettingsError(f"{where}: {problem}; got {raw!r}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def describe(cls: type[Any], prefix: str) -> str:
+    """One paragraph per setting, for --help."""
+    lines = []
+    for f in fields(cls):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        if f.metadata.get("secret"):
+            default = "(none)"
+        lines.append(f"  {prefix}{f.name.upper()}  (config key: {f.name}; default: {default})")
+        lines.append(f"      {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SettingsError(f"--config {path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"--config {path}: not valid YAML: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise SettingsError(f"--config {path}: expected a mapping of setting names to values")
+    return document
+
+
+def _coerce(raw: Any, kind: Any, where: str) -> Any:
+    if get_origin(kind) is Literal:
+        convert: Callable[[Any], Any] = _choice(get_args(kind))
+    elif get_origin(kind) is tuple:
+        convert = _names
+    else:
+        convert = _CONVERTERS[kind]
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{where}: {exc}; got {raw!r}") from None
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(raw: Any) -> str:
+        value = str(raw).strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return convert
+
+
+def _bool(raw: Any) -> bool:
+    text = str(raw).strip().lower()
+    if text in {"true", "1", "yes"}:
+        return True
+    if text in {"false", "0", "no"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _number(kind: type[int] | type[float]) -> Callable[[Any], int | float]:
+    def convert(raw: Any) -> int | float:
+        # Through str() first, so that YAML's true (an int to Python) is refused as a number.
+        return kind(str(raw).strip())
+
+    return convert
+
+
+def _names(raw: Any) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+_CONVERTERS: dict[Any, Callable[[Any], Any]] = {
+    bool: _bool,
+    int: _number(int),
+    float: _number(float),
+    str: lambda raw: str(raw).strip(),
+    Path: lambda raw: Path(str(raw)),
+}
