@@ -1,0 +1,3 @@
+from client_registry.cli import main
+
+raise SystemExit(main())

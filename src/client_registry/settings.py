@@ -1,0 +1,66 @@
+"""The registry's settings: ``REGISTRY_`` variables, config-file keys, defaults (see
+``authz_service.config`` for the rules)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from authz_service import apikeys
+from authz_service.config import address, between, setting
+
+ENV_PREFIX = "REGISTRY_"
+
+
+def _prefix(value: str) -> str | None:
+    ok = apikeys.PREFIX_PATTERN.fullmatch(value)
+    return None if ok else f"expected {apikeys.PREFIX_PATTERN.pattern}"
+
+
+def _token(value: str) -> str | None:
+    if value and not re.fullmatch(r"[A-Za-z0-9._~+/=-]{24,512}", value):
+        return "at least 24 token characters (letters, digits, ._~+/=-)"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    address: str = setting("0.0.0.0:8081", "HTTP listen address: host:port", address(False))
+    database_url: str = setting(
+        "sqlite:///registry.db",
+        "sqlite:///path/to/file.db (default, zero set-up) or postgresql://user@host:port/db",
+    )
+    admin_token: str = setting(
+        "", "bearer token of the management API (empty: generated into the tokens file)", _token
+    )
+    service_token: str = setting(
+        "",
+        "bearer token of the verification API used by authz-service (empty: generated into "
+        "the tokens file)",
+        _token,
+    )
+    tokens_file: Path = setting(
+        Path("registry-tokens.json"), "where generated tokens are kept (mode 0600)"
+    )
+    pepper: str = setting(
+        "", "optional server-side secret: keys are then stored as HMAC-SHA256 instead of SHA-256"
+    )
+    key_prefix: str = setting(apikeys.DEFAULT_PREFIX, "prefix of issued keys", _prefix)
+    max_grace_seconds: float = setting(
+        86400.0,
+        "longest grace period an old key may keep working after regeneration",
+        between(0, 30 * 86400),
+    )
+    pool_size: int = setting(4, "database connections (PostgreSQL)", between(1, 64))
+    feed_poll_interval: float = setting(
+        0.2,
+        "seconds between change-log polls of each change-feed stream (other replicas' "
+        "writes); this replica's own writes are sent at once",
+        between(0.01, 10),
+    )
+    max_feed_subscribers: int = setting(
+        100, "change-feed streams served at once", between(1, 10_000)
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", "log level")
