@@ -1,0 +1,194 @@
+"""The registry as operators run it: zero-configuration start, the management commands, crash
+safety, and several replicas on one PostgreSQL database."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+
+from authz_service import apikeys
+from client_registry.db import Database
+from tests.e2e.harness import free_port, send, wait_until
+from tests.registry.postgres import create_database
+
+pytestmark = pytest.mark.e2e
+
+
+@contextmanager
+def registry_process(workdir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`client-registry serve` in ``workdir``, with nothing configured but what ``env`` says."""
+    port = free_port()
+    with (workdir / "registry.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "client_registry", "serve"],
+            cwd=workdir,
+            env={**os.environ, "REGISTRY_ADDRESS": f"127.0.0.1:{port}", **env},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        wait_until(
+            lambda: process.poll() is None and send(port, "/healthz").status == 200,
+            30,
+            "client-registry",
+        )
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(10)
+
+
+def cli(
+    workdir: Path, url: str, *args: str, env: dict[str, str] | None = None
+) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-m", "client_registry", "clients", "--url", url, *args],
+        cwd=workdir,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_serve_needs_no_configuration_and_the_commands_manage_clients(tmp_path: Path) -> None:
+    """SQLite and tokens are created on first start; create, get, regenerate and revoke print
+    JSON; the tokens file is private and no key reaches the log."""
+    with registry_process(tmp_path) as (url, _):
+        created = cli(
+            tmp_path,
+            url,
+            "create",
+            "--name",
+            "Demo",
+            "--email",
+            "d@example.com",
+            "--roles",
+            "reader",
+        )
+        key = str(created["api_key"])
+        assert apikeys.has_valid_checksum(key)
+        shown = cli(tmp_path, url, "get", str(created["client_id"]))
+        assert shown["roles"] == ["reader"]
+        regenerated = cli(tmp_path, url, "regenerate", str(created["client_id"]))
+        assert regenerated["api_key"] != key
+        assert cli(tmp_path, url, "revoke", str(created["client_id"])) == {"ok": True}
+        assert len(cli(tmp_path, url, "list")["clients"]) == 1  # type: ignore[arg-type]
+    assert (tmp_path / "registry.db").exists()
+    assert (tmp_path / "registry-tokens.json").stat().st_mode & 0o777 == 0o600
+    log = (tmp_path / "registry.log").read_text()
+    assert key not in log
+    assert str(regenerated["api_key"]) not in log
+
+
+def test_acknowledged_writes_survive_a_crash(tmp_path: Path) -> None:
+    """Killed with SIGKILL right after a 201, the registry restarts with the client and key."""
+    with registry_process(tmp_path) as (url, process):
+        created = cli(tmp_path, url, "create", "--name", "Durable", "--email", "d@example.com")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    with registry_process(tmp_path) as (url, _):
+        assert cli(tmp_path, url, "get", str(created["client_id"]))["client_name"] == "Durable"
+
+
+def test_a_failed_operation_leaves_nothing_behind(tmp_path: Path) -> None:
+    """An operation that fails half-way is rolled back whole (no half-regenerated key)."""
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.migrate()
+
+    def half_done(tx: object) -> None:
+        tx.execute(  # type: ignore[attr-defined]
+            "INSERT INTO changes (at, payload) VALUES (%s, %s)", (0, "{}")
+        )
+        raise RuntimeError("crash between two statements")
+
+    with pytest.raises(RuntimeError):
+        db.run_sync(half_done, write=True)
+    assert db.run_sync(lambda tx: tx.one("SELECT COUNT(*) FROM changes")) == (0,)
+    assert db.migrate() == 1  # migrations are idempotent
+    db.close()
+
+
+def test_two_replicas_share_one_postgresql_database(tmp_path: Path, postgres: str) -> None:
+    """A key created through one replica verifies through the other, and a revocation made on
+    one reaches the other's change stream within a second."""
+    url = create_database(postgres, "replicas")
+    env = {
+        "REGISTRY_DATABASE_URL": url,
+        "REGISTRY_ADMIN_TOKEN": "a" * 32,
+        "REGISTRY_SERVICE_TOKEN": "s" * 32,
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        registry_process(tmp_path / "a", **env) as (first, _),
+        registry_process(tmp_path / "b", **env) as (second, _),
+    ):
+        created = cli(
+            tmp_path / "a",
+            first,
+            "create",
+            "--name",
+            "Shared",
+            "--email",
+            "s@example.com",
+            env=env,
+        )
+        assert verify(second, str(created["api_key"]))["valid"] is True
+        connection, stream = change_stream(second)
+        with closing(connection):
+            revoked_at = time.monotonic()
+            cli(tmp_path / "a", first, "revoke", str(created["client_id"]), env=env)
+            event = next_event(stream)
+            assert time.monotonic() - revoked_at < 1.0
+        assert event["op"] == "delete"
+        assert event["key_hash"] == apikeys.hash_key(str(created["api_key"]))
+        assert verify(second, str(created["api_key"])) == {"valid": False, "reason": "revoked"}
+
+
+def change_stream(base: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Subscribe to the change feed from the current version on."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(base.rpartition(":")[2]), timeout=5)
+    headers = {"Authorization": "Bearer " + "s" * 32}
+    connection.request("GET", "/v1/snapshot", headers=headers)
+    version = json.loads(connection.getresponse().read())["version"]
+    connection.request("GET", f"/v1/changes/stream?since={version}", headers=headers)
+    reply = connection.getresponse()
+    assert reply.status == 200
+    reply.readline()  # ": connected"
+    return connection, reply
+
+
+def next_event(stream: http.client.HTTPResponse) -> dict[str, object]:
+    while True:
+        line = stream.readline().decode()
+        if line.startswith("data: "):
+            return dict(json.loads(line.removeprefix("data: ")))
+
+
+def verify(base: str, key: str) -> dict[str, object]:
+    port = int(base.rpartition(":")[2])
+    with closing(http.client.HTTPConnection("127.0.0.1", port, timeout=10)) as connection:
+        connection.request(
+            "POST",
+            "/v1/keys/verify",
+            json.dumps({"api_key": key}),
+            {"Authorization": "Bearer " + "s" * 32, "Content-Type": "application/json"},
+        )
+        reply = connection.getresponse()
+        assert reply.status == 200
+        return dict(json.loads(reply.read()))
