@@ -10,10 +10,12 @@ import signal
 from grpc_health.v1 import health, health_pb2
 
 from authz_service import grpc_server, http_server
+from authz_service.breaker import CircuitBreaker
 from authz_service.credentials import CredentialRules
 from authz_service.envoy_codec import CodecSettings, Encoder
 from authz_service.pipeline import Pipeline, PipelineSettings
 from authz_service.registry import Registry
+from authz_service.registry.http import HttpRegistry
 from authz_service.registry.static_file import StaticFileRegistry
 from authz_service.settings import Settings
 
@@ -40,13 +42,26 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
 
     ``registry`` replaces the one the settings describe (tests use it to inject faults).
     """
-    if registry is None:
-        registry = StaticFileRegistry(settings.keys_file, settings.keys_reload_interval)
+    registry = registry or _registry(settings)
     await registry.start()
     try:
         await _serve(settings, stop, registry)
     finally:
         await registry.close()
+
+
+def _registry(settings: Settings) -> Registry:
+    if settings.registry == "http":
+        return HttpRegistry(
+            settings.registry_url,
+            settings.registry_token,
+            timeout=settings.registry_timeout,
+            max_in_flight=settings.registry_max_in_flight,
+            breaker=CircuitBreaker(
+                settings.registry_breaker_failures, settings.registry_breaker_cooldown
+            ),
+        )
+    return StaticFileRegistry(settings.keys_file, settings.keys_reload_interval)
 
 
 async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) -> None:

@@ -15,7 +15,7 @@ from authz_service import credentials, logs
 from authz_service.credentials import CredentialRules
 from authz_service.model import Decision, Request
 from authz_service.reasons import Reason
-from authz_service.registry import Registry
+from authz_service.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class Pipeline:
             decision = await self._decide(request, budget)
         except TimeoutError:
             decision = Decision.deny(Reason.DEADLINE_EXCEEDED)
+        except RegistryError as exc:
+            decision = Decision.deny(exc.reason)
         except Exception:
             log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
             decision = Decision.deny(Reason.INTERNAL_ERROR)

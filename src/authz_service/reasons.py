@@ -19,8 +19,12 @@ class Reason(StrEnum):
     UNKNOWN_KEY = "unknown_key"
     KEY_DISABLED = "key_disabled"
     KEY_EXPIRED = "key_expired"
+    KEY_REVOKED = "key_revoked"
+    CLIENT_SUSPENDED = "client_suspended"
     NON_HTTP_REQUEST = "non_http_request"
     OVERLOADED = "overloaded"
+    REGISTRY_UNAVAILABLE = "registry_unavailable"
+    REGISTRY_BUSY = "registry_busy"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL_ERROR = "internal_error"
 
@@ -61,9 +65,17 @@ OUTCOMES: dict[Reason, Outcome] = {
     Reason.UNKNOWN_KEY: Outcome(UNAUTHORIZED, "The API key is not recognised."),
     Reason.KEY_DISABLED: Outcome(UNAUTHORIZED, "The API key is disabled."),
     Reason.KEY_EXPIRED: Outcome(UNAUTHORIZED, "The API key has expired."),
+    Reason.KEY_REVOKED: Outcome(UNAUTHORIZED, "The API key has been revoked."),
+    Reason.CLIENT_SUSPENDED: Outcome(FORBIDDEN, "The client is suspended."),
     Reason.NON_HTTP_REQUEST: Outcome(FORBIDDEN, "Only HTTP requests can be authorized by API key."),
     Reason.OVERLOADED: Outcome(
         UNAVAILABLE, "Too many authorization checks are in progress; retry later."
+    ),
+    Reason.REGISTRY_UNAVAILABLE: Outcome(
+        UNAVAILABLE, "The client registry cannot be reached; retry later."
+    ),
+    Reason.REGISTRY_BUSY: Outcome(
+        UNAVAILABLE, "Too many key lookups are in progress; retry later."
     ),
     Reason.DEADLINE_EXCEEDED: Outcome(
         UNAVAILABLE, "Authorization could not complete in time; retry later."

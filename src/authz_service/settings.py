@@ -28,6 +28,11 @@ def _header_name(value: str) -> str | None:
     return None
 
 
+def _url(value: str) -> str | None:
+    ok = value.startswith(("http://", "https://")) and len(value) > len("https://")
+    return None if ok else "expected an http:// or https:// URL"
+
+
 def _realm(value: str) -> str | None:
     ok = 0 < len(value) <= 64 and value.isascii() and value.isprintable()
     return None if ok else "1-64 printable ASCII characters"
@@ -44,6 +49,33 @@ class Settings:
         "0.0.0.0:9090",
         "HTTP listen address for /healthz and /readyz: host:port",
         address(unix_ok=False),
+    )
+    registry: Literal["static", "http"] = _setting(
+        "static",
+        "where keys are resolved: static (the keys file) or http (the client registry's "
+        "validation endpoint)",
+    )
+    registry_url: str = _setting(
+        "http://127.0.0.1:8081", "base URL of the client registry (registry=http)", _url
+    )
+    registry_token: str = _setting(
+        "", "service token of the client registry's verification API (registry=http)"
+    )
+    registry_timeout: float = _setting(
+        0.1,
+        "seconds one registry call may take; keep it below AUTHZ_CHECK_TIMEOUT",
+        between(0.001, 30),
+    )
+    registry_max_in_flight: int = _setting(
+        100,
+        "registry calls in progress at once; beyond that checks are denied with 503 registry_busy",
+        between(1, 10_000),
+    )
+    registry_breaker_failures: int = _setting(
+        5, "consecutive registry failures that open the circuit breaker", between(1, 1000)
+    )
+    registry_breaker_cooldown: float = _setting(
+        5.0, "seconds the open circuit refuses registry calls before one trial", between(0.1, 600)
     )
     keys_file: Path = _setting(
         Path("keys.yaml"), "YAML file of SHA-256 key hashes and their clients"
@@ -107,6 +139,15 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if self.registry == "http" and not self.registry_token:
+            raise SettingsError(
+                "AUTHZ_REGISTRY_TOKEN (registry_token): required with registry=http"
+            )
+        if self.registry_timeout >= self.check_timeout:
+            raise SettingsError(
+                "AUTHZ_REGISTRY_TIMEOUT (registry_timeout): must be below AUTHZ_CHECK_TIMEOUT "
+                f"({self.check_timeout}), or checks would time out before the registry does"
+            )
         headers = (self.client_id_header, self.client_name_header, self.client_roles_header)
         if len(set(headers)) != len(headers):
             raise SettingsError(

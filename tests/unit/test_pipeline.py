@@ -12,6 +12,7 @@ from authz_service.credentials import CredentialRules
 from authz_service.model import Client, Decision, Request
 from authz_service.pipeline import Pipeline, PipelineSettings
 from authz_service.reasons import Reason
+from authz_service.registry import RegistryBusyError, RegistryError
 from tests.fakes import FakeRegistry
 
 KEY = "azk_known"
@@ -145,3 +146,16 @@ async def test_checks_beyond_the_in_flight_bound_are_denied_at_once(registry: Fa
     assert await checks.check(request) == Decision.deny(Reason.OVERLOADED)
     assert [await task for task in first] == [Decision.allow(CLIENT)] * 2
     assert await checks.check(request) == Decision.allow(CLIENT)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(RegistryError("down"), Reason.REGISTRY_UNAVAILABLE),
+     (RegistryBusyError("full"), Reason.REGISTRY_BUSY)],
+)
+async def test_registry_errors_are_denied_with_their_own_reason(
+    registry: FakeRegistry, error: Exception, reason: Reason
+) -> None:
+    """An unreachable or saturated registry is a 503 that says so."""
+    registry.error = error
+    assert await pipeline(registry).check(http((f"ApiKey {KEY}",))) == Decision.deny(reason)

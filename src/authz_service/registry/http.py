@@ -1,0 +1,152 @@
+"""The client registry's validation endpoint as a backend: one call per lookup (the cache in
+front of it is a separate concern).
+
+The answer is parsed strictly: only the documented shapes become an answer, anything else
+(another status, a redirect, another content type, an oversized or malformed body) is an error,
+and errors are denials, never allows. A circuit breaker makes a dead registry cost nothing per
+request, and a bound on calls in flight keeps a flood of checks from becoming a flood of calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+
+from authz_service.breaker import CircuitBreaker
+from authz_service.model import Client, Credential
+from authz_service.reasons import Reason
+from authz_service.registry import RegistryBusyError, RegistryError
+from authz_service.registry.static_file import CLIENT_ID_PATTERN, ROLE_PATTERN
+
+log = logging.getLogger(__name__)
+
+VERIFY_PATH = "/v1/keys/verify"
+MAX_RESPONSE_BYTES = 16 * 1024
+_REFUSALS = {
+    "unknown": Reason.UNKNOWN_KEY,
+    "revoked": Reason.KEY_REVOKED,
+    "expired": Reason.KEY_EXPIRED,
+    "suspended": Reason.CLIENT_SUSPENDED,
+}
+
+
+class InvalidAnswerError(RegistryError):
+    """The registry answered something the contract does not allow."""
+
+
+class HttpRegistry:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float,
+        max_in_flight: int,
+        breaker: CircuitBreaker,
+    ) -> None:
+        self._url = base_url.rstrip("/") + VERIFY_PATH
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._breaker = breaker
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._session is not None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+            timeout=self._timeout,
+            headers=self._headers,
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def lookup_now(self, credential: Credential) -> None:
+        return None  # every answer comes from the registry
+
+    async def lookup(self, credential: Credential) -> Client | Reason:
+        if self._slots.locked():
+            raise RegistryBusyError("registry lookups in flight at the bound")
+        if not self._breaker.allow():
+            raise RegistryError("registry circuit open")
+        async with self._slots:
+            try:
+                answer = await self._call(credential.key)
+            except (aiohttp.ClientError, TimeoutError, RegistryError) as exc:
+                self._breaker.failed()
+                log.warning(
+                    "registry lookup failed",
+                    extra={
+                        "fields": {
+                            "event": "registry_error",
+                            "error": type(exc).__name__,
+                            "detail": str(exc)[:200],
+                            "breaker": self._breaker.state.value,
+                        }
+                    },
+                )
+                if isinstance(exc, RegistryError):
+                    raise
+                raise RegistryError(type(exc).__name__) from exc
+            except asyncio.CancelledError:
+                # The check was abandoned (our deadline or Envoy's): no verdict on the registry.
+                raise
+            self._breaker.succeeded()
+            return answer
+
+    async def _call(self, key: str) -> Client | Reason:
+        if self._session is None:
+            raise RegistryError("the registry client is not started")
+        async with self._session.post(
+            self._url, json={"api_key": key}, allow_redirects=False
+        ) as reply:
+            if reply.status != 200:
+                raise InvalidAnswerError(f"status {reply.status}")
+            if reply.content_type != "application/json":
+                raise InvalidAnswerError(f"content type {reply.content_type!r}")
+            body = await reply.content.read(MAX_RESPONSE_BYTES + 1)
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise InvalidAnswerError("answer over the size limit")
+        try:
+            return parse_answer(json.loads(body))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidAnswerError(f"malformed answer: {exc}") from None
+
+
+def parse_answer(answer: Any) -> Client | Reason:
+    """The two documented shapes, exactly; anything else raises."""
+    if not isinstance(answer, dict):
+        raise TypeError("not an object")
+    if answer.get("valid") is False and set(answer) == {"valid", "reason"}:
+        return _REFUSALS[answer["reason"]]
+    if answer.get("valid") is not True or set(answer) != {"valid", "client", "valid_until"}:
+        raise ValueError("neither a valid nor an invalid verdict")
+    client = answer["client"]
+    if not isinstance(client, dict) or set(client) != {
+        "client_id",
+        "client_name",
+        "roles",
+        "status",
+    }:
+        raise ValueError("client is not an identity")
+    client_id, name, roles = client["client_id"], client["client_name"], client["roles"]
+    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
+        raise ValueError("client_id")
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise ValueError("client_name")
+    if not isinstance(roles, list) or not all(
+        isinstance(role, str) and ROLE_PATTERN.fullmatch(role) for role in roles
+    ):
+        raise ValueError("roles")
+    if client["status"] != "active":
+        raise ValueError("a valid verdict for a client that is not active")
+    return Client(client_id=client_id, name=name, roles=tuple(roles))

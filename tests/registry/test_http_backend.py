@@ -1,0 +1,188 @@
+"""authz-service's http registry backend against the real registry over HTTP, and against a
+registry that misbehaves: every failure is a denial, and a dead registry trips the breaker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from authz_service import apikeys
+from authz_service.breaker import CircuitBreaker
+from authz_service.model import Client, Credential
+from authz_service.reasons import Reason
+from authz_service.registry import RegistryBusyError, RegistryError
+from authz_service.registry.http import HttpRegistry
+from tests.registry.conftest import SERVICE, Registry
+
+pytestmark = pytest.mark.e2e
+
+
+def credential(key: str) -> Credential:
+    return Credential(key=key, key_hash=apikeys.hash_key(key))
+
+
+def backend(
+    base: str,
+    token: str = SERVICE,
+    failures: int = 3,
+    timeout: float = 1.0,
+    max_in_flight: int = 10,
+) -> HttpRegistry:
+    return HttpRegistry(
+        base,
+        token,
+        timeout=timeout,
+        max_in_flight=max_in_flight,
+        breaker=CircuitBreaker(failures, cooldown=60),
+    )
+
+
+@pytest.fixture
+async def client_of(registry: Registry) -> AsyncIterator[HttpRegistry]:
+    http = backend(registry.base)
+    await http.start()
+    yield http
+    await http.close()
+
+
+async def test_registry_answers_become_clients_and_reasons(
+    registry: Registry, client_of: HttpRegistry
+) -> None:
+    """Valid, unknown, revoked and suspended keys, as the real registry answers them."""
+    valid = await registry.create("Valid", ["reader"])
+    revoked = await registry.create("Revoked")
+    suspended = await registry.create("Suspended")
+    await registry.call("DELETE", f"/clients/{revoked['client_id']}/api-key")
+    await registry.call("PATCH", f"/clients/{suspended['client_id']}", json={"status": "suspended"})
+    assert await client_of.lookup(credential(valid["api_key"])) == Client(
+        valid["client_id"], "Valid", ("reader",)
+    )
+    assert await client_of.lookup(credential(apikeys.generate())) is Reason.UNKNOWN_KEY
+    assert await client_of.lookup(credential(revoked["api_key"])) is Reason.KEY_REVOKED
+    assert await client_of.lookup(credential(suspended["api_key"])) is Reason.CLIENT_SUSPENDED
+
+
+async def test_a_wrong_service_token_is_an_error(registry: Registry) -> None:
+    """403 from the registry is a failure to get an answer, not a verdict."""
+    http = backend(registry.base, token="wrong-token-0123456789abcdef")
+    await http.start()
+    try:
+        with pytest.raises(RegistryError):
+            await http.lookup(credential(apikeys.generate()))
+    finally:
+        await http.close()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def misbehaving(handler: Handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_post("/v1/keys/verify", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def valid_json(_: web.Request) -> web.StreamResponse:
+    return web.json_response(
+        {
+            "valid": True,
+            "client": {"client_id": "cl_1", "client_name": "One", "roles": [], "status": "active"},
+            "valid_until": None,
+        }
+    )
+
+
+def answering(**kwargs: object) -> Handler:
+    async def handler(_: web.Request) -> web.StreamResponse:
+        return web.Response(**kwargs)  # type: ignore[arg-type]
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        pytest.param(
+            answering(text="{not json", content_type="application/json"),
+            id="malformed JSON",
+        ),
+        pytest.param(answering(status=500, text="oops"), id="5xx"),
+        pytest.param(answering(status=302, headers={"Location": "/elsewhere"}), id="redirect"),
+        pytest.param(
+            answering(text='{"valid": true}', content_type="text/plain"),
+            id="wrong content type",
+        ),
+        pytest.param(
+            answering(
+                text='{"valid": false, "reason": "' + "x" * 20000 + '"}',
+                content_type="application/json",
+            ),
+            id="huge body",
+        ),
+        pytest.param(
+            answering(text='{"valid": true, "client": null}', content_type="application/json"),
+            id="wrong shape",
+        ),
+    ],
+)
+async def test_garbage_answers_are_errors(handler: Handler) -> None:
+    """Each is raised as a RegistryError, so the check is denied."""
+    runner, base = await misbehaving(handler)
+    http = backend(base)
+    await http.start()
+    try:
+        with pytest.raises(RegistryError):
+            await http.lookup(credential("azk_any"))
+    finally:
+        await http.close()
+        await runner.cleanup()
+
+
+async def test_a_dead_registry_opens_the_breaker_and_then_costs_nothing() -> None:
+    """After the failure threshold, lookups fail at once without a connection attempt."""
+    runner, base = await misbehaving(valid_json)
+    await runner.cleanup()  # nothing listens there any more
+    http = backend(base, failures=2)
+    await http.start()
+    try:
+        for _ in range(2):
+            with pytest.raises(RegistryError):
+                await http.lookup(credential("azk_any"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(RegistryError, match="circuit open"):
+            await http.lookup(credential("azk_any"))
+        assert loop.time() - started < 0.01
+    finally:
+        await http.close()
+
+
+async def test_lookups_beyond_the_in_flight_bound_are_refused_not_queued() -> None:
+    """With max_in_flight calls waiting on a slow registry, the next is refused at once."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return await valid_json(request)
+
+    runner, base = await misbehaving(slow)
+    http = backend(base, max_in_flight=2, timeout=5)
+    await http.start()
+    try:
+        waiting = [asyncio.create_task(http.lookup(credential("azk_any"))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(RegistryBusyError):
+            await http.lookup(credential("azk_any"))
+        release.set()
+        answers = [await task for task in waiting]
+        assert all(isinstance(answer, Client) for answer in answers)
+    finally:
+        await http.close()
+        await runner.cleanup()
