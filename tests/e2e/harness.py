@@ -95,15 +95,15 @@ class Upstream:
 
 
 @contextmanager
-def echo_upstream() -> Iterator[Upstream]:
-    upstream = Upstream(port=0)
+def echo_upstream(port: int = 0) -> Iterator[Upstream]:
+    upstream = Upstream(port=port)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
             upstream.seen.append(list(self.headers.items()))
-            body = json.dumps({"path": self.path}).encode()
+            body = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -113,7 +113,7 @@ def echo_upstream() -> Iterator[Upstream]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     upstream.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -147,14 +147,21 @@ class Service:
 
 
 @contextmanager
-def authz_service(tmp_path: Path, keys_file: Path, **settings: str) -> Iterator[Service]:
-    """Start `python -m authz_service serve` on free ports; yield once /readyz says ready."""
-    grpc_port, http_port = free_port(), free_port()
+def authz_service(
+    tmp_path: Path,
+    keys_file: Path | None = None,
+    grpc_port: int = 0,
+    http_port: int = 0,
+    **settings: str,
+) -> Iterator[Service]:
+    """Start `python -m authz_service serve` (on free ports unless given); yield once /readyz
+    says ready. ``settings`` are AUTHZ_ settings by name."""
+    grpc_port, http_port = grpc_port or free_port(), http_port or free_port()
     env = {
         **os.environ,
         "AUTHZ_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
         "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
-        "AUTHZ_KEYS_FILE": str(keys_file),
+        **({"AUTHZ_KEYS_FILE": str(keys_file)} if keys_file else {}),
         **{f"AUTHZ_{name.upper()}": value for name, value in settings.items()},
     }
     log_path = tmp_path / f"authz-{grpc_port}.log"
@@ -177,6 +184,49 @@ def authz_service(tmp_path: Path, keys_file: Path, **settings: str) -> Iterator[
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@dataclass
+class RegistryProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+    workdir: Path
+
+    def admin_token(self) -> str:
+        return str(json.loads((self.workdir / "registry-tokens.json").read_text())["admin_token"])
+
+    def service_token(self) -> str:
+        tokens = json.loads((self.workdir / "registry-tokens.json").read_text())
+        return str(tokens["service_token"])
+
+
+@contextmanager
+def registry_process(
+    workdir: Path, port: int = 0, env: dict[str, str] | None = None
+) -> Iterator[RegistryProcess]:
+    """`client-registry serve` in ``workdir`` (its SQLite file and tokens file go there), with
+    nothing configured but what ``env`` says (REGISTRY_ variables)."""
+    port = port or free_port()
+    env = env or {}
+    with (workdir / "registry.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "client_registry", "serve"],
+            cwd=workdir,
+            env={**os.environ, "REGISTRY_ADDRESS": f"127.0.0.1:{port}", **env},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        wait_until(
+            lambda: process.poll() is None and send(port, "/healthz").status == 200,
+            30,
+            "client-registry",
+        )
+        yield RegistryProcess(f"http://127.0.0.1:{port}", process, workdir)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(10)
 
 
 def render_front_proxy(

@@ -10,43 +10,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from authz_service import apikeys
 from client_registry.db import Database
-from tests.e2e.harness import free_port, send, wait_until
+from tests.e2e.harness import registry_process
 from tests.registry.postgres import create_database
 
 pytestmark = pytest.mark.e2e
-
-
-@contextmanager
-def registry_process(workdir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`client-registry serve` in ``workdir``, with nothing configured but what ``env`` says."""
-    port = free_port()
-    with (workdir / "registry.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "client_registry", "serve"],
-            cwd=workdir,
-            env={**os.environ, "REGISTRY_ADDRESS": f"127.0.0.1:{port}", **env},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-    try:
-        wait_until(
-            lambda: process.poll() is None and send(port, "/healthz").status == 200,
-            30,
-            "client-registry",
-        )
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(10)
 
 
 def cli(
@@ -68,10 +42,10 @@ def cli(
 def test_serve_needs_no_configuration_and_the_commands_manage_clients(tmp_path: Path) -> None:
     """SQLite and tokens are created on first start; create, get, regenerate and revoke print
     JSON; the tokens file is private and no key reaches the log."""
-    with registry_process(tmp_path) as (url, _):
+    with registry_process(tmp_path) as running:
         created = cli(
             tmp_path,
-            url,
+            running.url,
             "create",
             "--name",
             "Demo",
@@ -82,12 +56,12 @@ def test_serve_needs_no_configuration_and_the_commands_manage_clients(tmp_path: 
         )
         key = str(created["api_key"])
         assert apikeys.has_valid_checksum(key)
-        shown = cli(tmp_path, url, "get", str(created["client_id"]))
+        shown = cli(tmp_path, running.url, "get", str(created["client_id"]))
         assert shown["roles"] == ["reader"]
-        regenerated = cli(tmp_path, url, "regenerate", str(created["client_id"]))
+        regenerated = cli(tmp_path, running.url, "regenerate", str(created["client_id"]))
         assert regenerated["api_key"] != key
-        assert cli(tmp_path, url, "revoke", str(created["client_id"])) == {"ok": True}
-        assert len(cli(tmp_path, url, "list")["clients"]) == 1  # type: ignore[arg-type]
+        assert cli(tmp_path, running.url, "revoke", str(created["client_id"])) == {"ok": True}
+        assert len(cli(tmp_path, running.url, "list")["clients"]) == 1  # type: ignore[arg-type]
     assert (tmp_path / "registry.db").exists()
     assert (tmp_path / "registry-tokens.json").stat().st_mode & 0o777 == 0o600
     log = (tmp_path / "registry.log").read_text()
@@ -97,12 +71,16 @@ def test_serve_needs_no_configuration_and_the_commands_manage_clients(tmp_path: 
 
 def test_acknowledged_writes_survive_a_crash(tmp_path: Path) -> None:
     """Killed with SIGKILL right after a 201, the registry restarts with the client and key."""
-    with registry_process(tmp_path) as (url, process):
-        created = cli(tmp_path, url, "create", "--name", "Durable", "--email", "d@example.com")
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-    with registry_process(tmp_path) as (url, _):
-        assert cli(tmp_path, url, "get", str(created["client_id"]))["client_name"] == "Durable"
+    with registry_process(tmp_path) as running:
+        created = cli(
+            tmp_path, running.url, "create", "--name", "Durable", "--email", "d@example.com"
+        )
+        running.process.send_signal(signal.SIGKILL)
+        running.process.wait(10)
+    with registry_process(tmp_path) as running:
+        assert (
+            cli(tmp_path, running.url, "get", str(created["client_id"]))["client_name"] == "Durable"
+        )
 
 
 def test_a_failed_operation_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -135,12 +113,12 @@ def test_two_replicas_share_one_postgresql_database(tmp_path: Path, postgres: st
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with (
-        registry_process(tmp_path / "a", **env) as (first, _),
-        registry_process(tmp_path / "b", **env) as (second, _),
+        registry_process(tmp_path / "a", env=env) as first_registry,
+        registry_process(tmp_path / "b", env=env) as second_registry,
     ):
         created = cli(
             tmp_path / "a",
-            first,
+            first_registry.url,
             "create",
             "--name",
             "Shared",
@@ -148,16 +126,19 @@ def test_two_replicas_share_one_postgresql_database(tmp_path: Path, postgres: st
             "s@example.com",
             env=env,
         )
-        assert verify(second, str(created["api_key"]))["valid"] is True
-        connection, stream = change_stream(second)
+        assert verify(second_registry.url, str(created["api_key"]))["valid"] is True
+        connection, stream = change_stream(second_registry.url)
         with closing(connection):
             revoked_at = time.monotonic()
-            cli(tmp_path / "a", first, "revoke", str(created["client_id"]), env=env)
+            cli(tmp_path / "a", first_registry.url, "revoke", str(created["client_id"]), env=env)
             event = next_event(stream)
             assert time.monotonic() - revoked_at < 1.0
         assert event["op"] == "delete"
         assert event["key_hash"] == apikeys.hash_key(str(created["api_key"]))
-        assert verify(second, str(created["api_key"])) == {"valid": False, "reason": "revoked"}
+        assert verify(second_registry.url, str(created["api_key"])) == {
+            "valid": False,
+            "reason": "revoked",
+        }
 
 
 def change_stream(base: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:

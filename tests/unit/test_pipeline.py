@@ -150,8 +150,10 @@ async def test_checks_beyond_the_in_flight_bound_are_denied_at_once(registry: Fa
 
 @pytest.mark.parametrize(
     ("error", "reason"),
-    [(RegistryError("down"), Reason.REGISTRY_UNAVAILABLE),
-     (RegistryBusyError("full"), Reason.REGISTRY_BUSY)],
+    [
+        (RegistryError("down"), Reason.REGISTRY_UNAVAILABLE),
+        (RegistryBusyError("full"), Reason.REGISTRY_BUSY),
+    ],
 )
 async def test_registry_errors_are_denied_with_their_own_reason(
     registry: FakeRegistry, error: Exception, reason: Reason
