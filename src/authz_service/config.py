@@ -82,7 +82,7 @@ def describe(cls: type[Any], prefix: str) -> str:
         default = f.default
         if isinstance(default, tuple):
             default = ",".join(default)
-        if f.metadata.get("secret"):
+        if default == "":
             default = "(none)"
         lines.append(f"  {prefix}{f.name.upper()}  (config key: {f.name}; default: {default})")
         lines.append(f"      {f.metadata['doc']}")

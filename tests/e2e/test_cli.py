@@ -42,7 +42,7 @@ def test_the_readme_documents_every_setting_with_its_default() -> None:
     text = README.read_text()
     for name, field in Settings.__dataclass_fields__.items():
         default = field.default
-        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        shown = ",".join(default) if isinstance(default, tuple) else str(default) or "(none)"
         assert f"| `{env_name(name)}` | `{shown}` |" in text, name
 
 
