@@ -13,10 +13,12 @@ from authz_service import grpc_server, http_server
 from authz_service.breaker import CircuitBreaker
 from authz_service.credentials import CredentialRules
 from authz_service.envoy_codec import CodecSettings, Encoder
+from authz_service.feed import ChangeFeed
 from authz_service.pipeline import Pipeline, PipelineSettings
 from authz_service.registry import Registry
 from authz_service.registry.http import HttpRegistry
 from authz_service.registry.static_file import StaticFileRegistry
+from authz_service.resolver import CachingResolver, ResolverSettings
 from authz_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,16 +45,21 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
     ``registry`` replaces the one the settings describe (tests use it to inject faults).
     """
     registry = registry or _registry(settings)
+    feed = _change_feed(settings, registry)
     await registry.start()
+    if feed is not None:
+        await feed.start()
     try:
         await _serve(settings, stop, registry)
     finally:
+        if feed is not None:
+            await feed.close()
         await registry.close()
 
 
 def _registry(settings: Settings) -> Registry:
     if settings.registry == "http":
-        return HttpRegistry(
+        backend = HttpRegistry(
             settings.registry_url,
             settings.registry_token,
             timeout=settings.registry_timeout,
@@ -61,7 +68,25 @@ def _registry(settings: Settings) -> Registry:
                 settings.registry_breaker_failures, settings.registry_breaker_cooldown
             ),
         )
+        return CachingResolver(
+            backend,
+            ResolverSettings(
+                positive_ttl=settings.cache_ttl,
+                negative_ttl=settings.cache_negative_ttl,
+                max_stale=settings.cache_max_stale,
+                max_entries=settings.cache_max_entries,
+                cold_lookups_per_second=settings.cold_lookup_rate,
+                cold_lookup_burst=settings.cold_lookup_burst,
+            ),
+        )
+    # The keys file is in memory already: a cache in front of it would only add work.
     return StaticFileRegistry(settings.keys_file, settings.keys_reload_interval)
+
+
+def _change_feed(settings: Settings, registry: Registry) -> ChangeFeed | None:
+    if not (settings.registry_feed and isinstance(registry, CachingResolver)):
+        return None
+    return ChangeFeed(settings.registry_url, settings.registry_token, registry.apply_change)
 
 
 async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) -> None:

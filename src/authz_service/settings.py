@@ -77,6 +77,36 @@ class Settings:
     registry_breaker_cooldown: float = _setting(
         5.0, "seconds the open circuit refuses registry calls before one trial", between(0.1, 600)
     )
+    registry_feed: bool = _setting(
+        True,
+        "follow the registry's change feed and evict revoked or changed keys at once "
+        "(registry=http); without it a revocation takes effect within AUTHZ_CACHE_TTL",
+    )
+    cache_ttl: float = _setting(
+        30.0,
+        "seconds a registry answer that a key is valid is reused (registry=http)",
+        between(0.1, 86400),
+    )
+    cache_negative_ttl: float = _setting(
+        5.0, "seconds a registry refusal (unknown, revoked, ...) is reused", between(0, 3600)
+    )
+    cache_max_stale: float = _setting(
+        300.0,
+        "seconds past its TTL a valid key keeps working while the registry is unreachable",
+        between(0, 86400),
+    )
+    cache_max_entries: int = _setting(
+        100_000, "keys remembered at most (least recently used go first)", between(1, 10**7)
+    )
+    cold_lookup_rate: float = _setting(
+        200.0,
+        "registry lookups per second for keys not in the cache; beyond that (and the burst), "
+        "503 registry_busy",
+        between(0.1, 100_000),
+    )
+    cold_lookup_burst: int = _setting(
+        400, "lookups of uncached keys allowed in a burst", between(1, 100_000)
+    )
     keys_file: Path = _setting(
         Path("keys.yaml"), "YAML file of SHA-256 key hashes and their clients"
     )

@@ -179,7 +179,7 @@ class Store:
             hashes = self._valid_key_hashes(tx, client_id)
             tx.execute("DELETE FROM api_keys WHERE client_id = %s", (client_id,))
             tx.execute("DELETE FROM clients WHERE client_id = %s", (client_id,))
-            self._log(tx, [{"op": "delete", "key_hash": h} for h, _ in hashes])
+            self._log(tx, [_deleted(h, client_id) for h, _ in hashes])
 
         await self._write(delete)
 
@@ -196,7 +196,7 @@ class Store:
                 tx.execute(
                     "UPDATE api_keys SET revoked_at = %s WHERE key_hash = %s", (now, key_hash)
                 )
-            self._log(tx, [{"op": "delete", "key_hash": h} for h, _ in hashes])
+            self._log(tx, [_deleted(h, client_id) for h, _ in hashes])
 
         await self._write(revoke)
 
@@ -216,7 +216,7 @@ class Store:
             if grace > 0:
                 self._log_keys(tx, client, old)
             else:
-                self._log(tx, [{"op": "delete", "key_hash": h} for h, _ in old])
+                self._log(tx, [_deleted(h, client_id) for h, _ in old])
             return self._add_key(tx, client, key, now)
 
         return key, await self._write(regenerate)
@@ -322,7 +322,7 @@ class Store:
                     }
                 )
             else:
-                payloads.append({"op": "delete", "key_hash": key_hash})
+                payloads.append(_deleted(key_hash, client.client_id))
         self._log(tx, payloads)
 
     def _log(self, tx: Tx, payloads: list[dict[str, Any]]) -> None:
@@ -349,6 +349,10 @@ def _client(row: Sequence[Any]) -> Client:
 def _version(tx: Tx) -> int:
     row = tx.one("SELECT MAX(version) FROM changes")
     return int(row[0]) if row and row[0] is not None else 0
+
+
+def _deleted(key_hash: str, client_id: str) -> dict[str, Any]:
+    return {"op": "delete", "key_hash": key_hash, "client_id": client_id}
 
 
 def _earliest(*times: float | None) -> float | None:

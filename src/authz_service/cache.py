@@ -1,0 +1,57 @@
+"""A bounded, in-process TTL cache. It knows nothing of keys or registries.
+
+Each entry is fresh until ``fresh_until``; after that it may still be served *only* when the
+source of truth cannot be reached, until ``stale_until`` (stale-if-error). Capacity is bounded by
+entries; the least recently used entry goes first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(slots=True)
+class Entry(Generic[V]):
+    value: V
+    stored_at: float
+    fresh_until: float
+    stale_until: float
+
+
+class TtlCache(Generic[K, V]):
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[K, Entry[V]] = OrderedDict()
+        self.evictions = 0  # entries pushed out by the size bound
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: K) -> Entry[V] | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: K, entry: Entry[V]) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def pop(self, key: K) -> Entry[V] | None:
+        return self._entries.pop(key, None)
+
+    def pop_where(self, doomed: Callable[[V], bool]) -> int:
+        """Remove every entry whose value matches; return how many went."""
+        keys = [key for key, entry in self._entries.items() if doomed(entry.value)]
+        for key in keys:
+            del self._entries[key]
+        return len(keys)

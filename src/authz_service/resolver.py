@@ -1,0 +1,178 @@
+"""Key -> client through the cache, in front of a registry backend. Implements ``Registry``, so
+the pipeline cannot tell it from the backend it wraps.
+
+- Hits are answered without waiting (``lookup_now``), negative answers too (shorter TTL).
+- Misses make one registry call per key however many checks wait for it (single-flight); the
+  call runs on its own, so a check that gives up does not cancel it for the others.
+- A hit late in its TTL starts a background refresh (stale-while-revalidate).
+- When the registry fails, a previously valid key keeps working until ``max_stale`` after its
+  TTL (stale-if-error); unknown keys and everything past ``max_stale`` are denied (503).
+- A registry answer (revoked, unknown, suspended, ...) always replaces what was cached; errors
+  are never cached.
+- Lookups of keys the cache has never seen are rate-limited, so a flood of random keys cannot
+  become a flood of registry calls.
+
+Entries are keyed by the SHA-256 of the key, never the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from authz_service.cache import Entry, TtlCache
+from authz_service.model import Client, Credential
+from authz_service.reasons import Reason
+from authz_service.registry import Registry, RegistryBusyError
+
+log = logging.getLogger(__name__)
+
+Answer = Client | Reason
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverSettings:
+    positive_ttl: float = 30.0
+    negative_ttl: float = 5.0
+    jitter: float = 0.1  # TTLs vary by up to this fraction, so entries do not expire together
+    refresh_ahead: float = 0.8  # a hit past this fraction of its TTL refreshes in the background
+    max_stale: float = 300.0
+    max_entries: int = 100_000
+    cold_lookups_per_second: float = 200.0
+    cold_lookup_burst: int = 400
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate, self._burst, self._clock = rate, burst, clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class CachingResolver:
+    def __init__(
+        self,
+        backend: Registry,
+        settings: ResolverSettings,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._clock = clock
+        self._rand = rand
+        self._cache: TtlCache[str, Answer] = TtlCache(settings.max_entries)
+        self._inflight: dict[str, asyncio.Task[Answer]] = {}
+        self._cold = TokenBucket(
+            settings.cold_lookups_per_second, settings.cold_lookup_burst, clock
+        )
+        self.registry_calls = 0
+        self.stale_served = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._backend.ready
+
+    async def start(self) -> None:
+        await self._backend.start()
+
+    async def close(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await self._backend.close()
+
+    def lookup_now(self, credential: Credential) -> Answer | None:
+        entry = self._cache.get(credential.key_hash)
+        if entry is None:
+            return None
+        now = self._clock()
+        if now >= entry.fresh_until:
+            return None
+        refresh_at = entry.stored_at + (entry.fresh_until - entry.stored_at) * (
+            self._settings.refresh_ahead
+        )
+        if isinstance(entry.value, Client) and now >= refresh_at:
+            self._fetch(credential)  # stale-while-revalidate: this check uses the fresh entry
+        return entry.value
+
+    async def lookup(self, credential: Credential) -> Answer:
+        task = self._inflight.get(credential.key_hash)
+        if task is None:
+            if self._cache.get(credential.key_hash) is None and not self._cold.take():
+                raise RegistryBusyError("lookups of uncached keys over the rate limit")
+            task = self._fetch(credential)
+        # shield: a check that gives up (its deadline) must not cancel the call for the others
+        return await asyncio.shield(task)
+
+    def apply_change(self, change: Mapping[str, Any]) -> None:
+        """Evict what a registry change makes stale: the key, and every key of its client."""
+        self._cache.pop(str(change.get("key_hash")))
+        client_id = change.get("client_id")
+        if client_id is None and isinstance(change.get("entry"), dict):
+            client_id = change["entry"].get("client", {}).get("client_id")
+        if client_id is not None:
+            self._cache.pop_where(lambda v: isinstance(v, Client) and v.client_id == client_id)
+
+    def clear(self) -> None:
+        """Forget everything (for instance after missing changes)."""
+        self._cache.pop_where(lambda _: True)
+
+    def _fetch(self, credential: Credential) -> asyncio.Task[Answer]:
+        task = self._inflight.get(credential.key_hash)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._call(credential))
+            self._inflight[credential.key_hash] = task
+            task.add_done_callback(_retrieve_exception)
+        return task
+
+    async def _call(self, credential: Credential) -> Answer:
+        key_hash = credential.key_hash
+        try:
+            self.registry_calls += 1
+            answer = await self._backend.lookup(credential)
+        except Exception:
+            entry = self._cache.get(key_hash)
+            if (
+                entry is not None
+                and isinstance(entry.value, Client)
+                and (self._clock() < entry.stale_until)
+            ):
+                self.stale_served += 1
+                return entry.value
+            raise
+        finally:
+            self._inflight.pop(key_hash, None)
+        self._store(key_hash, answer)
+        return answer
+
+    def _store(self, key_hash: str, answer: Answer) -> None:
+        positive = isinstance(answer, Client)
+        ttl = self._settings.positive_ttl if positive else self._settings.negative_ttl
+        ttl *= 1 + self._settings.jitter * (2 * self._rand() - 1)
+        now = self._clock()
+        fresh_until = now + ttl
+        stale_until = fresh_until + (self._settings.max_stale if positive else 0)
+        self._cache.put(key_hash, Entry(answer, now, fresh_until, stale_until))
+
+
+def _retrieve_exception(task: asyncio.Task[Answer]) -> None:
+    # The callers may all have given up; the outcome is still consumed so that asyncio does not
+    # report it as never retrieved.
+    if not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.exception()
