@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
@@ -17,6 +18,7 @@ from authz_service.feed import ChangeFeed
 from authz_service.pipeline import Pipeline, PipelineSettings
 from authz_service.registry import Registry
 from authz_service.registry.http import HttpRegistry
+from authz_service.registry.snapshot import SnapshotRegistry
 from authz_service.registry.static_file import StaticFileRegistry
 from authz_service.resolver import CachingResolver, ResolverSettings
 from authz_service.settings import Settings
@@ -24,6 +26,8 @@ from authz_service.settings import Settings
 log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_READINESS_POLL = 0.1  # seconds between readiness checks feeding gRPC health
 
 
 class StartupError(RuntimeError):
@@ -57,6 +61,20 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
         await registry.close()
 
 
+async def _follow_readiness(
+    health_servicer: health.aio.HealthServicer, is_ready: Callable[[], bool]
+) -> None:
+    """Keep gRPC health in step with readiness (a snapshot registry is not ready at first)."""
+    current = None
+    while True:
+        status = _SERVING if is_ready() else _NOT_SERVING
+        if status != current:
+            for service in ("", grpc_server.AUTHORIZATION_SERVICE):
+                await health_servicer.set(service, status)
+            current = status
+        await asyncio.sleep(_READINESS_POLL)
+
+
 def _registry(settings: Settings) -> Registry:
     if settings.registry == "http":
         backend = HttpRegistry(
@@ -78,6 +96,10 @@ def _registry(settings: Settings) -> Registry:
                 cold_lookups_per_second=settings.cold_lookup_rate,
                 cold_lookup_burst=settings.cold_lookup_burst,
             ),
+        )
+    if settings.registry == "snapshot":
+        return SnapshotRegistry(
+            settings.registry_url, settings.registry_token, settings.snapshot_poll_interval
         )
     # The keys file is in memory already: a cache in front of it would only add work.
     return StaticFileRegistry(settings.keys_file, settings.keys_reload_interval)
@@ -140,8 +162,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) ->
     # Everything built so far lives as long as the process: move it out of the cyclic GC's
     # reach, so that collections triggered by per-check garbage do not re-scan it every time.
     gc.freeze()
-    for service in ("", grpc_server.AUTHORIZATION_SERVICE):
-        await health_servicer.set(service, _SERVING)
+    health_task = asyncio.create_task(_follow_readiness(health_servicer, is_ready))
     log.info(
         "serving",
         extra={
@@ -169,6 +190,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) ->
             }
         },
     )
+    health_task.cancel()
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_delay)
     await server.stop(settings.shutdown_grace)

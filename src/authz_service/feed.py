@@ -29,7 +29,9 @@ class ChangeFeed:
         token: str,
         on_change: Callable[[Mapping[str, Any]], None],
         reconnect_delay: float = 1.0,
+        since: int | None = None,
     ) -> None:
+        """``since``: the version to follow from (default: the registry's current one)."""
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
         self._on_change = on_change
@@ -37,7 +39,7 @@ class ChangeFeed:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.last_event_at: float | None = None
-        self.version: int | None = None
+        self.version: int | None = since
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="registry-change-feed")

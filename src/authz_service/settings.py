@@ -50,10 +50,11 @@ class Settings:
         "HTTP listen address for /healthz and /readyz: host:port",
         address(unix_ok=False),
     )
-    registry: Literal["static", "http"] = _setting(
+    registry: Literal["static", "http", "snapshot"] = _setting(
         "static",
-        "where keys are resolved: static (the keys file) or http (the client registry's "
-        "validation endpoint)",
+        "where keys are resolved: static (the keys file), http (the client registry's "
+        "validation endpoint, cached) or snapshot (an in-memory copy of the registry's valid "
+        "keys, kept in sync)",
     )
     registry_url: str = _setting(
         "http://127.0.0.1:8081", "base URL of the client registry (registry=http)", _url
@@ -76,6 +77,12 @@ class Settings:
     )
     registry_breaker_cooldown: float = _setting(
         5.0, "seconds the open circuit refuses registry calls before one trial", between(0.1, 600)
+    )
+    snapshot_poll_interval: float = _setting(
+        5.0,
+        "seconds between delta polls while the change feed is down (registry=snapshot), and "
+        "between attempts to load the first snapshot",
+        between(0.05, 3600),
     )
     registry_feed: bool = _setting(
         True,

@@ -4,6 +4,9 @@ replica within a second through the change feed, and an outage degrades as docum
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -13,6 +16,7 @@ import grpc
 import pytest
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e import harness
 
@@ -52,14 +56,11 @@ def admin(
         return json.loads(text) if text else None
 
 
-def replica(tmp_path: Path, registry: harness.RegistryProcess, **settings: str) -> Any:
-    extra: Any = settings  # AUTHZ_ settings by name, passed through
+def replica(tmp_path: Path, source: harness.RegistryProcess, **settings: str) -> Any:
+    """authz-service resolving keys through ``source`` (http mode unless settings say)."""
+    extra: Any = {"registry": "http", **settings}  # AUTHZ_ settings by name
     return harness.authz_service(
-        tmp_path,
-        registry="http",
-        registry_url=registry.url,
-        registry_token=registry.service_token(),
-        **extra,
+        tmp_path, registry_url=source.url, registry_token=source.service_token(), **extra
     )
 
 
@@ -124,3 +125,83 @@ def test_an_outage_keeps_known_keys_working_until_max_stale(tmp_path: Path) -> N
             harness.wait_until(lambda: check(service, key).status.code == 0, 5, "recovery")
     finally:
         service_cm.__exit__(None, None, None)
+
+
+def test_snapshot_mode_answers_from_memory_and_follows_changes(tmp_path: Path) -> None:
+    """Keys resolve with the registry stopped (no call per lookup); revocations and new keys
+    arrive through the feed within a second."""
+    port = harness.free_port()
+    with harness.registry_process(tmp_path, port=port) as registry:
+        first = admin(registry, "POST", "/clients", {"client_name": "A", "email": "a@x.example"})
+        service_cm = replica(tmp_path, registry, registry="snapshot")
+        service = service_cm.__enter__()
+    try:
+        assert check(service, first["api_key"]).status.code == 0  # registry is down now
+        assert check(service, "azk_unknown_key_0000000000000000000000").status.message == (
+            "unknown_key"
+        )
+        with harness.registry_process(tmp_path, port=port) as registry:
+            second = admin(
+                registry, "POST", "/clients", {"client_name": "B", "email": "b@x.example"}
+            )
+            harness.wait_until(
+                lambda: check(service, second["api_key"]).status.code == 0,
+                5,
+                "new key through the feed",
+            )
+            revoked_at = time.monotonic()
+            admin(registry, "DELETE", f"/clients/{first['client_id']}/api-key")
+            harness.wait_until(
+                lambda: check(service, first["api_key"]).status.code != 0,
+                1.0,
+                "revocation through the feed",
+            )
+            assert time.monotonic() - revoked_at <= 1.0
+    finally:
+        service_cm.__exit__(None, None, None)
+
+
+def test_snapshot_mode_is_not_ready_until_the_first_snapshot(tmp_path: Path) -> None:
+    """/readyz 503 and gRPC health NOT_SERVING while the registry is unreachable; then ready."""
+    port = harness.free_port()
+    grpc_port, http_port = harness.free_port(), harness.free_port()
+    env = {
+        "AUTHZ_REGISTRY": "snapshot",
+        "AUTHZ_REGISTRY_URL": f"http://127.0.0.1:{port}",
+        "AUTHZ_REGISTRY_TOKEN": "not-yet-known-token-0000000",
+        "AUTHZ_SNAPSHOT_POLL_INTERVAL": "0.1",
+        "AUTHZ_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
+    }
+    (tmp_path / "registry").mkdir()
+    with harness.registry_process(tmp_path / "registry", port=port) as registry:
+        env["AUTHZ_REGISTRY_TOKEN"] = registry.service_token()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "authz_service", "serve"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        harness.wait_until(
+            lambda: harness.send(http_port, "/readyz").status == 503, 20, "not ready"
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with harness.registry_process(tmp_path / "registry", port=port):
+                harness.wait_until(
+                    lambda: harness.send(http_port, "/readyz").status == 200, 5, "ready"
+                )
+                harness.wait_until(
+                    lambda: (
+                        stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ),
+                    2,
+                    "gRPC SERVING",
+                )
+    finally:
+        process.terminate()
+        process.wait(15)

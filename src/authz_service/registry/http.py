@@ -130,7 +130,11 @@ def parse_answer(answer: Any) -> Client | Reason:
         return _REFUSALS[answer["reason"]]
     if answer.get("valid") is not True or set(answer) != {"valid", "client", "valid_until"}:
         raise ValueError("neither a valid nor an invalid verdict")
-    client = answer["client"]
+    return parse_identity(answer["client"])
+
+
+def parse_identity(client: Any) -> Client:
+    """A client identity as the registry contract describes it; anything else raises."""
     if not isinstance(client, dict) or set(client) != {
         "client_id",
         "client_name",
