@@ -133,7 +133,7 @@ def test_snapshot_mode_answers_from_memory_and_follows_changes(tmp_path: Path) -
     port = harness.free_port()
     with harness.registry_process(tmp_path, port=port) as registry:
         first = admin(registry, "POST", "/clients", {"client_name": "A", "email": "a@x.example"})
-        service_cm = replica(tmp_path, registry, registry="snapshot")
+        service_cm = replica(tmp_path, registry, registry="snapshot", snapshot_poll_interval="0.2")
         service = service_cm.__enter__()
     try:
         assert check(service, first["api_key"]).status.code == 0  # registry is down now
