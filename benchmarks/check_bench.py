@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,22 +158,6 @@ def measure(
     )
 
 
-def create_client(registry: harness.RegistryProcess) -> str:
-    request = urllib.request.Request(  # noqa: S310 (loopback)
-        registry.url + "/clients",
-        method="POST",
-        data=json.dumps(
-            {"client_name": "Benchmark client", "email": "b@x.example", "roles": ["reader"]}
-        ).encode(),
-        headers={
-            "Authorization": f"Bearer {registry.admin_token()}",
-            "Content-Type": "application/json",
-        },
-    )
-    with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
-        return str(json.loads(reply.read())["api_key"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checks", type=int, default=20000)
@@ -207,7 +189,7 @@ def main() -> None:
     sock = workdir / "authz.sock"
     with harness.registry_process(workdir) as registry:
         # Ours in http mode answers from its cache after the warm-up: the cache-hit path.
-        http_payload = check_request(create_client(registry))
+        http_payload = check_request(registry.create_client("Benchmark client")["api_key"])
         http_env = {
             "AUTHZ_REGISTRY": "http",
             "AUTHZ_REGISTRY_URL": registry.url,

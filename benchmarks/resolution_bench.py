@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -93,26 +91,9 @@ def pct(values: list[float], fraction: float) -> float:
     return values[min(len(values) - 1, int(len(values) * fraction))] * 1000
 
 
-def create_clients(registry: harness.RegistryProcess, count: int) -> list[str]:
-    keys = []
-    for n in range(count):
-        request = urllib.request.Request(  # noqa: S310 (loopback)
-            registry.url + "/clients",
-            method="POST",
-            data=json.dumps({"client_name": f"C{n}", "email": "c@x.example"}).encode(),
-            headers={
-                "Authorization": f"Bearer {registry.admin_token()}",
-                "Content-Type": "application/json",
-            },
-        )
-        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
-            keys.append(json.loads(reply.read())["api_key"])
-    return keys
-
-
 async def run(args: argparse.Namespace, workdir: Path) -> None:
     with harness.registry_process(workdir) as registry:
-        keys = create_clients(registry, args.clients)
+        keys = [registry.create_client(f"C{n}")["api_key"] for n in range(args.clients)]
         runner, proxy, counts = await counting_proxy(registry.url)
         try:
             with harness.authz_service(

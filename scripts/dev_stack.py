@@ -9,11 +9,9 @@ helpers of the end-to-end tests (tests/e2e/harness.py), so it runs exactly what 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -71,7 +69,7 @@ def main() -> int:
             ports["envoy"], ports["envoy_admin"], service.grpc_port, upstream.port
         )
         stack.enter_context(harness.envoy(args.workdir, config))
-        client = create_demo_client(registry)
+        client = registry.create_client("Demo client", ["reader"])
         print(
             f"""
 Everything is running (logs in {args.workdir}):
@@ -93,22 +91,6 @@ Ctrl-C stops everything.""",
         )
         stop.wait()
     return 0
-
-
-def create_demo_client(registry: harness.RegistryProcess) -> dict[str, str]:
-    request = urllib.request.Request(  # noqa: S310 (our own registry on loopback)
-        registry.url + "/clients",
-        method="POST",
-        data=json.dumps(
-            {"client_name": "Demo client", "email": "demo@example.com", "roles": ["reader"]}
-        ).encode(),
-        headers={
-            "Authorization": f"Bearer {registry.admin_token()}",
-            "Content-Type": "application/json",
-        },
-    )
-    with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
-        return dict(json.loads(reply.read()))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import aiohttp
 log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 64 * 1024
+_MAX_RECONNECT_DELAY = 30.0
 
 
 class ChangeFeed:
@@ -52,6 +53,7 @@ class ChangeFeed:
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=60)
+        delay = self._reconnect_delay
         async with aiohttp.ClientSession(headers=self._headers, timeout=timeout) as session:
             while True:
                 try:
@@ -62,12 +64,19 @@ class ChangeFeed:
                     log.warning(
                         "registry change feed disconnected; reconnecting",
                         extra={
-                            "fields": {"event": "feed_disconnected", "error": type(exc).__name__}
+                            "fields": {
+                                "event": "feed_disconnected",
+                                "error": type(exc).__name__,
+                                "retry_in": delay,
+                            }
                         },
                     )
                 finally:
+                    if self.connected:  # it worked for a while: start backing off afresh
+                        delay = self._reconnect_delay
                     self.connected = False
-                await asyncio.sleep(self._reconnect_delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_RECONNECT_DELAY)
 
     async def _current_version(self, session: aiohttp.ClientSession) -> int:
         async with session.get(

@@ -29,6 +29,7 @@ from client_registry.store import (
     Key,
     NotFoundError,
     Store,
+    identity,
     iso,
 )
 
@@ -183,7 +184,7 @@ class _Api:
         return _json(
             {
                 "valid": True,
-                "client": _identity_json(result.client),
+                "client": identity(result.client),
                 "valid_until": iso(result.valid_until),
             }
         )
@@ -387,18 +388,9 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
     return int(raw)
 
 
-def _identity_json(client: Client) -> dict[str, Any]:
-    return {
-        "client_id": client.client_id,
-        "client_name": client.name,
-        "roles": list(client.roles),
-        "status": client.status,
-    }
-
-
 def _client_json(client: Client) -> dict[str, Any]:
     return {
-        **_identity_json(client),
+        **identity(client),
         "email": client.email,
         "created_at": iso(client.created_at),
         "updated_at": iso(client.updated_at),

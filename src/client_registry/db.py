@@ -50,62 +50,39 @@ class Tx:
 
 
 # Versioned schema migrations, applied in order and recorded in schema_migrations. Never edit a
-# released one: add the next version.
-MIGRATIONS: list[tuple[int, dict[Dialect, str]]] = [
+# released one: add the next version. ``{serial}`` is the dialect's auto-increment key.
+_SERIAL: dict[Dialect, str] = {
+    "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+}
+MIGRATIONS: list[tuple[int, str]] = [
     (
         1,
-        {
-            "sqlite": """
-            CREATE TABLE clients (
-                client_id TEXT PRIMARY KEY,
-                name TEXT NOT NULL,
-                email TEXT NOT NULL,
-                roles TEXT NOT NULL,
-                status TEXT NOT NULL CHECK (status IN ('active', 'suspended')),
-                created_at DOUBLE PRECISION NOT NULL,
-                updated_at DOUBLE PRECISION NOT NULL
-            );
-            CREATE TABLE api_keys (
-                key_hash TEXT PRIMARY KEY,
-                key_id TEXT NOT NULL UNIQUE,
-                client_id TEXT NOT NULL REFERENCES clients (client_id) ON DELETE CASCADE,
-                created_at DOUBLE PRECISION NOT NULL,
-                expires_at DOUBLE PRECISION,
-                revoked_at DOUBLE PRECISION
-            );
-            CREATE INDEX api_keys_by_client ON api_keys (client_id);
-            CREATE TABLE changes (
-                version INTEGER PRIMARY KEY AUTOINCREMENT,
-                at DOUBLE PRECISION NOT NULL,
-                payload TEXT NOT NULL
-            );
-        """,
-            "postgresql": """
-            CREATE TABLE clients (
-                client_id TEXT PRIMARY KEY,
-                name TEXT NOT NULL,
-                email TEXT NOT NULL,
-                roles TEXT NOT NULL,
-                status TEXT NOT NULL CHECK (status IN ('active', 'suspended')),
-                created_at DOUBLE PRECISION NOT NULL,
-                updated_at DOUBLE PRECISION NOT NULL
-            );
-            CREATE TABLE api_keys (
-                key_hash TEXT PRIMARY KEY,
-                key_id TEXT NOT NULL UNIQUE,
-                client_id TEXT NOT NULL REFERENCES clients (client_id) ON DELETE CASCADE,
-                created_at DOUBLE PRECISION NOT NULL,
-                expires_at DOUBLE PRECISION,
-                revoked_at DOUBLE PRECISION
-            );
-            CREATE INDEX api_keys_by_client ON api_keys (client_id);
-            CREATE TABLE changes (
-                version BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                at DOUBLE PRECISION NOT NULL,
-                payload TEXT NOT NULL
-            );
-        """,
-        },
+        """
+        CREATE TABLE clients (
+            client_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            email TEXT NOT NULL,
+            roles TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('active', 'suspended')),
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE api_keys (
+            key_hash TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL UNIQUE,
+            client_id TEXT NOT NULL REFERENCES clients (client_id) ON DELETE CASCADE,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION
+        );
+        CREATE INDEX api_keys_by_client ON api_keys (client_id);
+        CREATE TABLE changes (
+            version {serial},
+            at DOUBLE PRECISION NOT NULL,
+            payload TEXT NOT NULL
+        );
+    """,
     ),
 ]
 
@@ -153,9 +130,10 @@ class Database:
             )
             row = tx.one("SELECT MAX(version) FROM schema_migrations")
             current = row[0] if row and row[0] is not None else 0
-            for version, scripts in MIGRATIONS:
+            for version, template in MIGRATIONS:
                 if version > current:
-                    for statement in filter(str.strip, scripts[tx.dialect].split(";")):
+                    script = template.format(serial=_SERIAL[tx.dialect])
+                    for statement in filter(str.strip, script.split(";")):
                         tx.execute(statement)
                     tx.execute(
                         "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",

@@ -360,17 +360,22 @@ def _earliest(*times: float | None) -> float | None:
     return min(present) if present else None
 
 
+def identity(client: Client) -> dict[str, Any]:
+    """A client as the verification API shows it."""
+    return {
+        "client_id": client.client_id,
+        "client_name": client.name,
+        "roles": list(client.roles),
+        "status": client.status,
+    }
+
+
 def _entry(key_hash: str, kid: str, valid_until: float | None, client: Client) -> dict[str, Any]:
     return {
         "key_hash": key_hash,
         "key_id": kid,
         "valid_until": iso(valid_until),
-        "client": {
-            "client_id": client.client_id,
-            "client_name": client.name,
-            "roles": list(client.roles),
-            "status": client.status,
-        },
+        "client": identity(client),
     }
 
 

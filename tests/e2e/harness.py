@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -198,6 +199,31 @@ class RegistryProcess:
     def service_token(self) -> str:
         tokens = json.loads((self.workdir / "registry-tokens.json").read_text())
         return str(tokens["service_token"])
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Call the management API; return the JSON answer (None for 204)."""
+        request = urllib.request.Request(  # noqa: S310 (the registry we started, on loopback)
+            self.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "Authorization": f"Bearer {self.admin_token()}",
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+            text = reply.read()
+            return json.loads(text) if text else None
+
+    def create_client(self, name: str, roles: Sequence[str] = ()) -> dict[str, Any]:
+        """Register a client; the answer carries its client_id and (this once) its api_key."""
+        return dict(
+            self.admin(
+                "POST",
+                "/clients",
+                {"client_name": name, "email": "client@example.com", "roles": list(roles)},
+            )
+        )
 
 
 @contextmanager

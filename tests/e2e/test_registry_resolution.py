@@ -3,12 +3,10 @@ replica within a second through the change feed, and an outage degrades as docum
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +37,6 @@ def check(service: harness.Service, key: str) -> CheckResponse:
         return reply
 
 
-def admin(
-    registry: harness.RegistryProcess, method: str, path: str, body: dict[str, Any] | None = None
-) -> Any:
-    request = urllib.request.Request(  # noqa: S310 (loopback)
-        registry.url + path,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={
-            "Authorization": f"Bearer {registry.admin_token()}",
-            "Content-Type": "application/json",
-        },
-    )
-    with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
-        text = reply.read()
-        return json.loads(text) if text else None
-
-
 def replica(tmp_path: Path, source: harness.RegistryProcess, **settings: str) -> Any:
     """authz-service resolving keys through ``source`` (http mode unless settings say)."""
     extra: Any = {"registry": "http", **settings}  # AUTHZ_ settings by name
@@ -71,15 +52,13 @@ def test_a_revoked_key_is_denied_by_two_replicas_within_a_second(tmp_path: Path)
         replica(tmp_path, registry, cache_ttl="3600") as first,
         replica(tmp_path, registry, cache_ttl="3600") as second,
     ):
-        client = admin(
-            registry, "POST", "/clients", {"client_name": "Acme", "email": "ops@acme.example"}
-        )
+        client = registry.create_client("Acme")
         key = client["api_key"]
         for service in (first, second):
             assert check(service, key).status.code == 0
         harness.wait_until(lambda: "feed_connected" in first.logs() + second.logs(), 5, "feed")
         revoked_at = time.monotonic()
-        admin(registry, "DELETE", f"/clients/{client['client_id']}/api-key")
+        registry.admin("DELETE", f"/clients/{client['client_id']}/api-key")
         denied: set[str] = set()
         while denied != {"first", "second"} and time.monotonic() - revoked_at < 2:
             for name, service in (("first", first), ("second", second)):
@@ -104,9 +83,7 @@ def test_an_outage_keeps_known_keys_working_until_max_stale(tmp_path: Path) -> N
         "registry_feed": "false",
     }
     with harness.registry_process(tmp_path, port=port) as registry:
-        client = admin(
-            registry, "POST", "/clients", {"client_name": "Acme", "email": "ops@acme.example"}
-        )
+        client = registry.create_client("Acme")
         key = client["api_key"]
         service_cm = replica(tmp_path, registry, **settings)
         service = service_cm.__enter__()
@@ -132,7 +109,7 @@ def test_snapshot_mode_answers_from_memory_and_follows_changes(tmp_path: Path) -
     arrive through the feed within a second."""
     port = harness.free_port()
     with harness.registry_process(tmp_path, port=port) as registry:
-        first = admin(registry, "POST", "/clients", {"client_name": "A", "email": "a@x.example"})
+        first = registry.create_client("A")
         service_cm = replica(tmp_path, registry, registry="snapshot", snapshot_poll_interval="0.2")
         service = service_cm.__enter__()
     try:
@@ -141,16 +118,14 @@ def test_snapshot_mode_answers_from_memory_and_follows_changes(tmp_path: Path) -
             "unknown_key"
         )
         with harness.registry_process(tmp_path, port=port) as registry:
-            second = admin(
-                registry, "POST", "/clients", {"client_name": "B", "email": "b@x.example"}
-            )
+            second = registry.create_client("B")
             harness.wait_until(
                 lambda: check(service, second["api_key"]).status.code == 0,
                 5,
                 "new key through the feed",
             )
             revoked_at = time.monotonic()
-            admin(registry, "DELETE", f"/clients/{first['client_id']}/api-key")
+            registry.admin("DELETE", f"/clients/{first['client_id']}/api-key")
             harness.wait_until(
                 lambda: check(service, first["api_key"]).status.code != 0,
                 1.0,
