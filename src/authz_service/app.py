@@ -22,6 +22,7 @@ from authz_service.registry.snapshot import SnapshotRegistry
 from authz_service.registry.static_file import StaticFileRegistry
 from authz_service.resolver import CachingResolver, ResolverSettings
 from authz_service.settings import Settings
+from authz_service.shared_cache import SharedCache
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def _registry(settings: Settings) -> Registry:
                 cold_lookups_per_second=settings.cold_lookup_rate,
                 cold_lookup_burst=settings.cold_lookup_burst,
             ),
+            shared=_shared_cache(settings),
         )
     if settings.registry == "snapshot":
         return SnapshotRegistry(
@@ -103,6 +105,17 @@ def _registry(settings: Settings) -> Registry:
         )
     # The keys file is in memory already: a cache in front of it would only add work.
     return StaticFileRegistry(settings.keys_file, settings.keys_reload_interval)
+
+
+def _shared_cache(settings: Settings) -> SharedCache | None:
+    if not settings.redis_url:
+        return None
+    return SharedCache(
+        settings.redis_url,
+        settings.redis_namespace,
+        settings.redis_timeout,
+        CircuitBreaker(settings.registry_breaker_failures, settings.registry_breaker_cooldown),
+    )
 
 
 def _change_feed(settings: Settings, registry: Registry) -> ChangeFeed | None:

@@ -11,6 +11,8 @@ the pipeline cannot tell it from the backend it wraps.
   are never cached.
 - Lookups of keys the cache has never seen are rate-limited, so a flood of random keys cannot
   become a flood of registry calls.
+- With a shared tier (Redis), a miss asks it before the registry and every registry answer is
+  written to it, so a fleet makes one registry call per key per TTL.
 
 Entries are keyed by the SHA-256 of the key, never the key.
 """
@@ -22,7 +24,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ from authz_service.cache import Entry, TtlCache
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
 from authz_service.registry import Registry, RegistryBusyError
+from authz_service.shared_cache import SharedCache
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,11 @@ class CachingResolver:
         settings: ResolverSettings,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        shared: SharedCache | None = None,
     ) -> None:
         self._backend = backend
+        self._shared = shared
+        self._background: set[asyncio.Task[None]] = set()
         self._settings = settings
         self._clock = clock
         self._rand = rand
@@ -92,9 +98,11 @@ class CachingResolver:
         await self._backend.start()
 
     async def close(self) -> None:
-        for task in list(self._inflight.values()):
+        for task in [*self._inflight.values(), *self._background]:
             task.cancel()
         await self._backend.close()
+        if self._shared is not None:
+            await self._shared.close()
 
     def lookup_now(self, credential: Credential) -> Answer | None:
         entry = self._cache.get(credential.key_hash)
@@ -121,7 +129,10 @@ class CachingResolver:
 
     def apply_change(self, change: Mapping[str, Any]) -> None:
         """Evict what a registry change makes stale: the key, and every key of its client."""
-        self._cache.pop(str(change.get("key_hash")))
+        key_hash = str(change.get("key_hash"))
+        self._cache.pop(key_hash)
+        if self._shared is not None:  # every replica gets the event; deleting twice is harmless
+            self._in_background(self._shared.delete(key_hash))
         client_id = change.get("client_id")
         if client_id is None and isinstance(change.get("entry"), dict):
             client_id = change["entry"].get("client", {}).get("client_id")
@@ -143,6 +154,12 @@ class CachingResolver:
     async def _call(self, credential: Credential) -> Answer:
         key_hash = credential.key_hash
         try:
+            if self._shared is not None:
+                shared = await self._shared.get(key_hash)
+                if shared is not None:  # another replica asked the registry already
+                    answer, remaining = shared
+                    self._store(key_hash, answer, remaining)
+                    return answer
             self.registry_calls += 1
             answer = await self._backend.lookup(credential)
         except Exception:
@@ -157,17 +174,27 @@ class CachingResolver:
             raise
         finally:
             self._inflight.pop(key_hash, None)
-        self._store(key_hash, answer)
+        ttl = self._store(key_hash, answer)
+        if self._shared is not None:
+            self._in_background(self._shared.set(key_hash, answer, ttl))
         return answer
 
-    def _store(self, key_hash: str, answer: Answer) -> None:
+    def _store(self, key_hash: str, answer: Answer, ttl: float | None = None) -> float:
+        """Cache ``answer`` for ``ttl`` seconds (default: the configured TTL, jittered)."""
         positive = isinstance(answer, Client)
-        ttl = self._settings.positive_ttl if positive else self._settings.negative_ttl
-        ttl *= 1 + self._settings.jitter * (2 * self._rand() - 1)
+        if ttl is None:
+            ttl = self._settings.positive_ttl if positive else self._settings.negative_ttl
+            ttl *= 1 + self._settings.jitter * (2 * self._rand() - 1)
         now = self._clock()
         fresh_until = now + ttl
         stale_until = fresh_until + (self._settings.max_stale if positive else 0)
         self._cache.put(key_hash, Entry(answer, now, fresh_until, stale_until))
+        return ttl
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
 
 
 def _retrieve_exception(task: asyncio.Task[Answer]) -> None:

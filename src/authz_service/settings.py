@@ -33,6 +33,11 @@ def _url(value: str) -> str | None:
     return None if ok else "expected an http:// or https:// URL"
 
 
+def _redis_url(value: str) -> str | None:
+    ok = not value or (value.startswith(("redis://", "rediss://")) and len(value) > len("redis://"))
+    return None if ok else "expected redis://host:port/db"
+
+
 def _realm(value: str) -> str | None:
     ok = 0 < len(value) <= 64 and value.isascii() and value.isprintable()
     return None if ok else "1-64 printable ASCII characters"
@@ -113,6 +118,20 @@ class Settings:
     )
     cold_lookup_burst: int = _setting(
         400, "lookups of uncached keys allowed in a burst", between(1, 100_000)
+    )
+    redis_url: str = _setting(
+        "",
+        "redis://host:port/db of a Redis shared by the replicas as a second cache tier "
+        "(registry=http); empty: in-process cache only",
+        _redis_url,
+    )
+    redis_timeout: float = _setting(
+        0.02,
+        "seconds one shared-cache operation may take before it counts as a miss",
+        between(0.001, 1),
+    )
+    redis_namespace: str = _setting(
+        "authz", "prefix of the shared cache's Redis keys", _header_name
     )
     keys_file: Path = _setting(
         Path("keys.yaml"), "YAML file of SHA-256 key hashes and their clients"

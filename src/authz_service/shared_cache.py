@@ -1,0 +1,102 @@
+"""The optional second cache tier, shared by every replica through Redis (via aiocache), so that
+a fleet makes one registry call per key per TTL rather than one per replica.
+
+It never decides anything on its own: a Redis failure, a timeout or an entry it cannot read is
+a miss, and a circuit breaker stops paying the timeout while Redis is down. Entries carry their
+expiry (wall clock), so every replica honours the same TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from authz_service.breaker import CircuitBreaker
+from authz_service.model import Client
+from authz_service.reasons import Reason
+
+log = logging.getLogger(__name__)
+
+Answer = Client | Reason
+
+
+class SharedCache:
+    def __init__(self, url: str, namespace: str, timeout: float, breaker: CircuitBreaker) -> None:
+        from aiocache import RedisCache  # noqa: PLC0415 (only with AUTHZ_REDIS_URL set)
+        from aiocache.serializers import StringSerializer  # noqa: PLC0415
+
+        parts = urlsplit(url)
+        self._cache: Any = RedisCache(
+            endpoint=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            db=int(parts.path.strip("/") or 0),
+            password=parts.password,
+            namespace=f"{namespace}:",
+            serializer=StringSerializer(),
+            timeout=timeout,
+        )
+        self._breaker = breaker
+
+    async def get(self, key_hash: str) -> tuple[Answer, float] | None:
+        """The shared answer and the seconds it stays fresh, or None."""
+        text = await self._guarded("get", key_hash)
+        if not isinstance(text, str):
+            return None
+        try:
+            entry = json.loads(text)
+            remaining = float(entry["until"]) - time.time()
+            if "reason" in entry:
+                answer: Answer = Reason(entry["reason"])
+            else:
+                client_id, name, roles = entry["client"]
+                answer = Client(str(client_id), str(name), tuple(str(r) for r in roles))
+        except (ValueError, KeyError, TypeError):
+            log.warning(
+                "unreadable shared cache entry ignored",
+                extra={"fields": {"event": "shared_cache_invalid"}},
+            )
+            return None
+        return (answer, remaining) if remaining > 0 else None
+
+    async def set(self, key_hash: str, answer: Answer, ttl: float) -> None:
+        if isinstance(answer, Client):
+            body: dict[str, Any] = {"client": [answer.client_id, answer.name, list(answer.roles)]}
+        else:
+            body = {"reason": answer.value}
+        body["until"] = time.time() + ttl
+        # SET ... EX through aiocache's raw passthrough: its own set() uses SETEX, which
+        # redis-py 5+ deprecates.
+        await self._guarded(
+            "raw", "set", self._cache.build_key(key_hash), json.dumps(body), ex=max(1, round(ttl))
+        )
+
+    async def delete(self, key_hash: str) -> None:
+        await self._guarded("delete", key_hash)
+
+    async def close(self) -> None:
+        await self._cache.client.aclose()  # aiocache's close() calls the deprecated close()
+
+    async def _guarded(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        if not self._breaker.allow():
+            return None
+        try:
+            result = await getattr(self._cache, operation)(*args, **kwargs)
+        except Exception as exc:  # any Redis trouble degrades to the in-process tier
+            self._breaker.failed()
+            log.warning(
+                "shared cache unavailable; using the in-process cache only",
+                extra={
+                    "fields": {
+                        "event": "shared_cache_error",
+                        "operation": operation,
+                        "error": type(exc).__name__,
+                        "breaker": self._breaker.state.value,
+                    }
+                },
+            )
+            return None
+        self._breaker.succeeded()
+        return result

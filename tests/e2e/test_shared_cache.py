@@ -1,0 +1,155 @@
+"""The shared cache tier against a real Redis: replicas share answers, a change removes the
+shared entry, and Redis being down degrades to the in-process tier, never to a deny."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from authz_service import apikeys
+from authz_service.breaker import CircuitBreaker
+from authz_service.model import Client, Credential
+from authz_service.reasons import Reason
+from authz_service.resolver import CachingResolver, ResolverSettings
+from authz_service.shared_cache import SharedCache
+from tests.e2e import harness
+from tests.fakes import FakeRegistry
+
+pytestmark = pytest.mark.e2e
+KEY = "azk_shared_key"
+CLIENT = Client("c-1", "One", ("reader",))
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a free port (or REDIS_TEST_URL when set)."""
+    if os.environ.get("REDIS_TEST_URL"):
+        yield os.environ["REDIS_TEST_URL"]
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(
+            "redis-server is not installed: run scripts/test (Debian: "
+            "redis-server) or set REDIS_TEST_URL"
+        )
+    port = harness.free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        harness.wait_until(lambda: _ping(port), 10, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _ping(port: int) -> bool:
+    import socket  # noqa: PLC0415
+
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+def credential(key: str = KEY) -> Credential:
+    return Credential(key=key, key_hash=apikeys.hash_key(key))
+
+
+class Replica:
+    """One authz-service replica's resolution: its own registry client and in-process cache."""
+
+    def __init__(self, redis_url: str, namespace: str) -> None:
+        self.registry = FakeRegistry({apikeys.hash_key(KEY): CLIENT})
+        self.shared = SharedCache(
+            redis_url, namespace, timeout=0.2, breaker=CircuitBreaker(2, cooldown=60)
+        )
+        self.resolver = CachingResolver(
+            self.registry, ResolverSettings(jitter=0), shared=self.shared
+        )
+
+
+@pytest.fixture
+async def replicas(
+    redis_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Replica, Replica]]:
+    namespace = f"test{abs(hash(request.node.name))}"
+    pair = (Replica(redis_url, namespace), Replica(redis_url, namespace))
+    yield pair
+    for replica in pair:
+        await replica.resolver.close()
+
+
+async def settle() -> None:
+    """Let background writes to Redis finish."""
+    import asyncio  # noqa: PLC0415
+
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+
+
+async def test_a_key_resolved_by_one_replica_costs_the_other_no_registry_call(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    """A fleet makes one registry call per key per TTL, not one per replica."""
+    first, second = replicas
+    assert await first.resolver.lookup(credential()) == CLIENT
+    await settle()
+    assert await second.resolver.lookup(credential()) == CLIENT
+    assert (first.registry.lookups, second.registry.lookups) == (1, 0)
+
+
+async def test_negative_answers_are_shared_too(replicas: tuple[Replica, Replica]) -> None:
+    """An unknown key asked on one replica is known unknown on the other."""
+    first, second = replicas
+    unknown = credential("azk_unknown_shared")
+    assert await first.resolver.lookup(unknown) is Reason.UNKNOWN_KEY
+    await settle()
+    assert await second.resolver.lookup(unknown) is Reason.UNKNOWN_KEY
+    assert second.registry.lookups == 0
+
+
+async def test_a_registry_change_removes_the_shared_entry(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    """After a revocation event, no replica can refill its cache from Redis."""
+    first, second = replicas
+    await first.resolver.lookup(credential())
+    await settle()
+    first.resolver.apply_change(
+        {"op": "delete", "key_hash": apikeys.hash_key(KEY), "client_id": "c-1"}
+    )
+    await settle()
+    second.registry.answers[apikeys.hash_key(KEY)] = Reason.KEY_REVOKED
+    assert await second.resolver.lookup(credential()) is Reason.KEY_REVOKED
+    assert second.registry.lookups == 1
+
+
+async def test_redis_down_degrades_to_the_in_process_tier() -> None:
+    """Cached keys keep working and new keys go to the registry; nothing is denied for it."""
+    with redis_server() as url:
+        replica = Replica(url, "down")
+        assert await replica.resolver.lookup(credential()) == CLIENT
+        await settle()
+    try:
+        assert replica.resolver.lookup_now(credential()) == CLIENT
+        other = credential("azk_other")
+        replica.registry.answers[other.key_hash] = CLIENT
+        for _ in range(3):  # the breaker opens; lookups keep working through the registry
+            replica.resolver.clear()
+            assert await replica.resolver.lookup(other) == CLIENT
+    finally:
+        await replica.resolver.close()
