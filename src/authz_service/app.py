@@ -49,7 +49,10 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
 
     ``registry`` replaces the one the settings describe (tests use it to inject faults).
     """
-    registry = registry or _registry(settings)
+    try:
+        registry = registry or _registry(settings)
+    except RuntimeError as exc:  # an optional extra that the settings need is missing
+        raise StartupError(str(exc)) from None
     feed = _change_feed(settings, registry)
     await registry.start()
     if feed is not None:

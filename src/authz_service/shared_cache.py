@@ -25,8 +25,14 @@ Answer = Client | Reason
 
 class SharedCache:
     def __init__(self, url: str, namespace: str, timeout: float, breaker: CircuitBreaker) -> None:
-        from aiocache import RedisCache  # noqa: PLC0415 (only with AUTHZ_REDIS_URL set)
-        from aiocache.serializers import StringSerializer  # noqa: PLC0415
+        try:  # only needed with AUTHZ_REDIS_URL set: an optional extra
+            from aiocache import RedisCache  # noqa: PLC0415
+            from aiocache.serializers import StringSerializer  # noqa: PLC0415
+        except ImportError:
+            raise RuntimeError(
+                "AUTHZ_REDIS_URL (redis_url) needs the redis extra: "
+                "pip install 'authz-service[redis]'"
+            ) from None
 
         parts = urlsplit(url)
         self._cache: Any = RedisCache(

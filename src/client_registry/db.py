@@ -151,6 +151,14 @@ class Database:
             _close_quietly(self._idle.get_nowait())
 
     def _connect(self) -> Any:
+        try:
+            return self._open()
+        except DatabaseError:
+            raise
+        except Exception as exc:  # the driver's own error types differ; the message is the point
+            raise DatabaseError(f"cannot open the {self.dialect} database: {exc}") from exc
+
+    def _open(self) -> Any:
         if self.dialect == "sqlite":
             connection = sqlite3.connect(
                 self._target, check_same_thread=False, isolation_level=None, timeout=self._timeout
@@ -159,8 +167,13 @@ class Database:
             connection.execute("PRAGMA foreign_keys=ON")
             connection.execute("PRAGMA synchronous=FULL")  # an acknowledged write is on disk
             return connection
-        import psycopg  # noqa: PLC0415 (PostgreSQL is optional)
-
+        try:
+            import psycopg  # noqa: PLC0415 (PostgreSQL is optional)
+        except ImportError:
+            raise DatabaseError(
+                "a postgresql:// database needs the postgresql extra: "
+                "pip install 'authz-service[postgresql]'"
+            ) from None
         return psycopg.connect(self._target, connect_timeout=max(1, int(self._timeout)))
 
     def _transaction(self, connection: Any, operation: Callable[[Tx], T], write: bool) -> T:

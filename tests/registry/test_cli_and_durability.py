@@ -173,3 +173,19 @@ def verify(base: str, key: str) -> dict[str, object]:
         reply = connection.getresponse()
         assert reply.status == 200
         return dict(json.loads(reply.read()))
+
+
+def test_an_unreachable_database_stops_serve_with_one_clear_line(tmp_path: Path) -> None:
+    """Exit status 1 and the reason, not a traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "client_registry", "serve"],
+        cwd=tmp_path,
+        env={**os.environ, "REGISTRY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "cannot start: cannot open the postgresql database" in result.stderr
+    assert "Traceback" not in result.stderr
