@@ -32,11 +32,14 @@ class Credential:
 
 @dataclass(frozen=True, slots=True)
 class Client:
-    """A registered API client, as the registry describes it."""
+    """A registered API client, as the registry describes it for the key that was presented."""
 
     client_id: str
     name: str
     roles: tuple[str, ...] = ()
+    # When the presented key stops validating (Unix time), if the registry said: the end of a
+    # regeneration grace period. Not part of the identity: equal clients compare equal.
+    valid_until: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

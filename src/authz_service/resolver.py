@@ -188,6 +188,11 @@ class CachingResolver:
         now = self._clock()
         fresh_until = now + ttl
         stale_until = fresh_until + (self._settings.max_stale if positive else 0)
+        if isinstance(answer, Client) and answer.valid_until is not None:
+            # Neither the TTL nor an outage may stretch a key past its end (a grace period).
+            end = now + answer.valid_until - time.time()
+            fresh_until, stale_until = min(fresh_until, end), min(stale_until, end)
+            ttl = fresh_until - now
         self._cache.put(key_hash, Entry(answer, now, fresh_until, stale_until))
         return ttl
 

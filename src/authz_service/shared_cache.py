@@ -57,8 +57,13 @@ class SharedCache:
             if "reason" in entry:
                 answer: Answer = Reason(entry["reason"])
             else:
-                client_id, name, roles = entry["client"]
-                answer = Client(str(client_id), str(name), tuple(str(r) for r in roles))
+                client_id, name, roles, valid_until = entry["client"]
+                answer = Client(
+                    str(client_id),
+                    str(name),
+                    tuple(str(r) for r in roles),
+                    None if valid_until is None else float(valid_until),
+                )
         except (ValueError, KeyError, TypeError):
             log.warning(
                 "unreadable shared cache entry ignored",
@@ -69,7 +74,9 @@ class SharedCache:
 
     async def set(self, key_hash: str, answer: Answer, ttl: float) -> None:
         if isinstance(answer, Client):
-            body: dict[str, Any] = {"client": [answer.client_id, answer.name, list(answer.roles)]}
+            body: dict[str, Any] = {
+                "client": [answer.client_id, answer.name, list(answer.roles), answer.valid_until]
+            }
         else:
             body = {"reason": answer.value}
         body["until"] = time.time() + ttl

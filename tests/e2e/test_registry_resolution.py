@@ -72,6 +72,27 @@ def test_a_revoked_key_is_denied_by_two_replicas_within_a_second(tmp_path: Path)
         assert reply.status.message == "key_revoked"
 
 
+def test_a_regenerated_key_works_at_once_and_the_old_one_only_for_its_grace(
+    tmp_path: Path,
+) -> None:
+    """With a long cache TTL, the old key still stops when its grace period ends."""
+    with (
+        harness.registry_process(tmp_path) as registry,
+        replica(tmp_path, registry, cache_ttl="3600") as service,
+    ):
+        client = registry.create_client("Acme")
+        old = client["api_key"]
+        assert check(service, old).status.code == 0
+        regenerated = registry.admin(
+            "POST", f"/clients/{client['client_id']}/api-key", {"grace_seconds": 1.5}
+        )
+        assert check(service, regenerated["api_key"]).status.code == 0
+        assert check(service, old).status.code == 0
+        time.sleep(1.6)
+        assert check(service, old).status.message == "key_revoked"
+        assert check(service, regenerated["api_key"]).status.code == 0
+
+
 def test_an_outage_keeps_known_keys_working_until_max_stale(tmp_path: Path) -> None:
     """Registry down: cached keys allowed (stale-if-error), unknown keys 503; after max_stale,
     503 for all; with the registry back, everything recovers without a restart."""

@@ -19,6 +19,14 @@ def test_a_valid_verdict_becomes_the_client() -> None:
     assert parse_answer(answer) == Client("cl_1", "One", ("reader",))
 
 
+def test_a_valid_until_is_kept_with_the_client() -> None:
+    """The end of a grace period travels with the answer, as Unix time."""
+    answer = {"valid": True, "client": IDENTITY, "valid_until": "2030-01-01T00:00:00.000000Z"}
+    client = parse_answer(answer)
+    assert isinstance(client, Client)
+    assert client.valid_until == 1893456000.0
+
+
 @pytest.mark.parametrize(
     ("reason", "expected"),
     [

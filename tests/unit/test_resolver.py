@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -189,3 +190,19 @@ async def test_a_registry_change_evicts_the_key_and_its_clients_other_keys(
     resolver.apply_change({"op": "delete", "key_hash": apikeys.hash_key(KEY), "client_id": "c-1"})
     assert resolver.lookup_now(credential()) is None
     assert resolver.lookup_now(credential(other)) is None
+
+
+async def test_a_key_is_never_served_past_its_valid_until(
+    resolver: CachingResolver, backend: FakeRegistry, clock: Clock
+) -> None:
+    """A grace period caps the TTL and stale-if-error alike."""
+    ending = Client("c-1", "One", valid_until=time.time() + 3)
+    backend.answers[apikeys.hash_key(KEY)] = ending
+    await resolver.lookup(credential())
+    clock.now += 2.9
+    assert resolver.lookup_now(credential()) == ending
+    clock.now += 0.2
+    assert resolver.lookup_now(credential()) is None  # TTL was 10 s, the key ended at 3 s
+    backend.error = RegistryError("down")
+    with pytest.raises(RegistryError):  # and no stale allow past its end either
+        await resolver.lookup(credential())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -130,7 +132,21 @@ def parse_answer(answer: Any) -> Client | Reason:
         return _REFUSALS[answer["reason"]]
     if answer.get("valid") is not True or set(answer) != {"valid", "client", "valid_until"}:
         raise ValueError("neither a valid nor an invalid verdict")
-    return parse_identity(answer["client"])
+    client = parse_identity(answer["client"])
+    valid_until = parse_time(answer["valid_until"])
+    return client if valid_until is None else replace(client, valid_until=valid_until)
+
+
+def parse_time(value: Any) -> float | None:
+    """An ISO 8601 timestamp of the contract (or null) as Unix time."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError("expected an ISO 8601 timestamp or null")
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        raise ValueError("timestamp without a time zone")
+    return moment.timestamp()
 
 
 def parse_identity(client: Any) -> Client:

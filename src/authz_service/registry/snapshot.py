@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -25,7 +24,7 @@ from authz_service.feed import ChangeFeed
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
 from authz_service.registry import RegistryError
-from authz_service.registry.http import parse_identity
+from authz_service.registry.http import parse_identity, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +144,4 @@ class SnapshotRegistry:
 
 
 def _record(entry: Mapping[str, Any]) -> Record:
-    valid_until = entry["valid_until"]
-    until = None if valid_until is None else datetime.fromisoformat(valid_until).timestamp()
-    return parse_identity(entry["client"]), until
+    return parse_identity(entry["client"]), parse_time(entry["valid_until"])
