@@ -79,13 +79,13 @@ async def test_a_wrong_service_token_is_an_error(registry: Registry) -> None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def misbehaving(handler: Handler) -> tuple[web.AppRunner, str]:
+async def misbehaving(handler: Handler, port: int = 0) -> tuple[web.AppRunner, str]:
+    """A registry stand-in whose validation endpoint is ``handler``."""
     app = web.Application()
     app.router.add_post("/v1/keys/verify", handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
@@ -186,3 +186,32 @@ async def test_lookups_beyond_the_in_flight_bound_are_refused_not_queued() -> No
     finally:
         await http.close()
         await runner.cleanup()
+
+
+async def test_a_request_that_never_left_is_retried_once() -> None:
+    """A refused connection is tried a second time (safe: validation has no side effects)."""
+    runner, base = await misbehaving(valid_json)
+    port = int(base.rpartition(":")[2])
+    await runner.cleanup()
+    http = backend(base, failures=10)
+    await http.start()
+    attempts = 0
+    real_call = http._call
+
+    async def counted(key: str) -> object:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 2:  # the registry is back for the retry
+            again, _ = await misbehaving(valid_json, port)
+            try:
+                return await real_call(key)
+            finally:
+                await again.cleanup()
+        return await real_call(key)
+
+    http._call = counted  # type: ignore[method-assign,assignment]
+    try:
+        assert isinstance(await http.lookup(credential("azk_any")), Client)
+        assert attempts == 2
+    finally:
+        await http.close()

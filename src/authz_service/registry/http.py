@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 VERIFY_PATH = "/v1/keys/verify"
 MAX_RESPONSE_BYTES = 16 * 1024
+RETRY_PAUSE = (0.002, 0.01)  # seconds: short, as the check's deadline is counted in milliseconds
 _REFUSALS = {
     "unknown": Reason.UNKNOWN_KEY,
     "revoked": Reason.KEY_REVOKED,
@@ -82,7 +84,7 @@ class HttpRegistry:
             raise RegistryError("registry circuit open")
         async with self._slots:
             try:
-                answer = await self._call(credential.key)
+                answer = await self._call_once_more_if_unsent(credential.key)
             except (aiohttp.ClientError, TimeoutError, RegistryError) as exc:
                 self._breaker.failed()
                 log.warning(
@@ -104,6 +106,16 @@ class HttpRegistry:
                 raise
             self._breaker.succeeded()
             return answer
+
+    async def _call_once_more_if_unsent(self, key: str) -> Client | Reason:
+        """One retry, after a short random pause, when the request never reached the registry
+        (refused connection, or a pooled connection it had closed). Validation has no side
+        effects, so that is safe; a timeout or an answer is never retried."""
+        try:
+            return await self._call(key)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+            await asyncio.sleep(random.uniform(*RETRY_PAUSE))  # noqa: S311 (jitter, not secrets)
+            return await self._call(key)
 
     async def _call(self, key: str) -> Client | Reason:
         if self._session is None:
