@@ -215,3 +215,29 @@ async def test_a_request_that_never_left_is_retried_once() -> None:
         assert attempts == 2
     finally:
         await http.close()
+
+
+async def test_a_slow_registry_is_answered_in_time_without_a_pile_up() -> None:
+    """Slower than our timeout: each lookup fails in time, and beyond the in-flight bound the
+    rest are refused at once instead of queueing behind it."""
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(1)
+        return await valid_json(request)
+
+    runner, base = await misbehaving(slow)
+    http = backend(base, timeout=0.1, max_in_flight=10, failures=1000)
+    await http.start()
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        outcomes = await asyncio.gather(
+            *(http.lookup(credential(f"azk_{n}")) for n in range(50)), return_exceptions=True
+        )
+        elapsed = loop.time() - started
+        assert elapsed < 0.5
+        assert sum(isinstance(o, RegistryBusyError) for o in outcomes) == 40
+        assert all(isinstance(o, RegistryError) for o in outcomes)
+    finally:
+        await http.close()
+        await runner.cleanup()
