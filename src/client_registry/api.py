@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -325,8 +326,8 @@ def _token_check(expected: str) -> Callable[[web.Request], None]:
 
 async def _json_body(
     request: web.Request,
-    required: set[str] = frozenset(),  # type: ignore[assignment]
-    optional: set[str] = frozenset(),  # type: ignore[assignment]
+    required: AbstractSet[str] = frozenset(),
+    optional: AbstractSet[str] = frozenset(),
     allow_empty: bool = False,
 ) -> dict[str, Any]:
     if allow_empty and not request.can_read_body:
