@@ -17,6 +17,8 @@ from typing import Any
 
 import aiohttp
 
+from authz_service import logs
+
 log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 64 * 1024
@@ -61,15 +63,12 @@ class ChangeFeed:
                         self.version = await self._current_version(session)
                     await self._follow(session)
                 except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
-                    log.warning(
+                    logs.failure(
+                        log,
                         "registry change feed disconnected; reconnecting",
-                        extra={
-                            "fields": {
-                                "event": "feed_disconnected",
-                                "error": type(exc).__name__,
-                                "retry_in": delay,
-                            }
-                        },
+                        "feed_disconnected",
+                        exc,
+                        retry_in=delay,
                     )
                 finally:
                     if self.connected:  # it worked for a while: start backing off afresh

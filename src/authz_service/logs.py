@@ -161,6 +161,23 @@ class BatchingHandler(logging.Handler):
                 return
 
 
+def failure(
+    logger: logging.Logger, message: str, event: str, exc: BaseException, **fields: Any
+) -> None:
+    """Warn that a dependency failed: the event code, the error's type and a bounded detail."""
+    logger.warning(
+        message,
+        extra={
+            "fields": {
+                "event": event,
+                "error": type(exc).__name__,
+                "detail": str(exc)[:200],
+                **fields,
+            }
+        },
+    )
+
+
 def decision(request: Request, decision: Decision, elapsed: float) -> None:
     """Log one decision: who, what, why and how long. Never the credential."""
     if _decisions.isEnabledFor(logging.INFO):

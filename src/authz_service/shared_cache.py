@@ -14,6 +14,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from authz_service import logs
 from authz_service.breaker import CircuitBreaker
 from authz_service.model import Client
 from authz_service.reasons import Reason
@@ -99,16 +100,13 @@ class SharedCache:
             result = await getattr(self._cache, operation)(*args, **kwargs)
         except Exception as exc:  # any Redis trouble degrades to the in-process tier
             self._breaker.failed()
-            log.warning(
+            logs.failure(
+                log,
                 "shared cache unavailable; using the in-process cache only",
-                extra={
-                    "fields": {
-                        "event": "shared_cache_error",
-                        "operation": operation,
-                        "error": type(exc).__name__,
-                        "breaker": self._breaker.state.value,
-                    }
-                },
+                "shared_cache_error",
+                exc,
+                operation=operation,
+                breaker=self._breaker.state.value,
             )
             return None
         self._breaker.succeeded()

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from authz_service import logs
 from authz_service.breaker import CircuitBreaker
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
@@ -87,16 +88,12 @@ class HttpRegistry:
                 answer = await self._call_once_more_if_unsent(credential.key)
             except (aiohttp.ClientError, TimeoutError, RegistryError) as exc:
                 self._breaker.failed()
-                log.warning(
+                logs.failure(
+                    log,
                     "registry lookup failed",
-                    extra={
-                        "fields": {
-                            "event": "registry_error",
-                            "error": type(exc).__name__,
-                            "detail": str(exc)[:200],
-                            "breaker": self._breaker.state.value,
-                        }
-                    },
+                    "registry_error",
+                    exc,
+                    breaker=self._breaker.state.value,
                 )
                 if isinstance(exc, RegistryError):
                     raise

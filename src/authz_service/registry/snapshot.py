@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from authz_service import logs
 from authz_service.feed import ChangeFeed
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
@@ -102,16 +103,7 @@ class SnapshotRegistry:
                     elif self._feed is None or not self._feed.connected:
                         await self._poll(session)
                 except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-                    log.warning(
-                        "registry snapshot not refreshed",
-                        extra={
-                            "fields": {
-                                "event": "snapshot_error",
-                                "error": type(exc).__name__,
-                                "detail": str(exc)[:200],
-                            }
-                        },
-                    )
+                    logs.failure(log, "registry snapshot not refreshed", "snapshot_error", exc)
                 await asyncio.sleep(self._poll_interval)
 
     async def _load(self, session: aiohttp.ClientSession) -> None:
