@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
@@ -15,6 +16,7 @@ from authz_service.breaker import CircuitBreaker
 from authz_service.credentials import CredentialRules
 from authz_service.envoy_codec import CodecSettings, Encoder
 from authz_service.feed import ChangeFeed
+from authz_service.metrics import Metrics
 from authz_service.pipeline import Pipeline, PipelineSettings
 from authz_service.registry import Registry
 from authz_service.registry.http import HttpRegistry
@@ -49,16 +51,18 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
 
     ``registry`` replaces the one the settings describe (tests use it to inject faults).
     """
+    metrics = Metrics(settings.metrics_client_cap)
     try:
-        registry = registry or _registry(settings)
+        registry = registry or _registry(settings, metrics)
     except RuntimeError as exc:  # an optional extra that the settings need is missing
         raise StartupError(str(exc)) from None
     feed = _change_feed(settings, registry)
+    _watch(metrics, registry, feed)
     await registry.start()
     if feed is not None:
         await feed.start()
     try:
-        await _serve(settings, stop, registry)
+        await _serve(settings, stop, registry, metrics)
     finally:
         if feed is not None:
             await feed.close()
@@ -79,7 +83,7 @@ async def _follow_readiness(
         await asyncio.sleep(_READINESS_POLL)
 
 
-def _registry(settings: Settings) -> Registry:
+def _registry(settings: Settings, metrics: Metrics) -> Registry:
     if settings.registry == "http":
         backend = HttpRegistry(
             settings.registry_url,
@@ -89,6 +93,7 @@ def _registry(settings: Settings) -> Registry:
             breaker=CircuitBreaker(
                 settings.registry_breaker_failures, settings.registry_breaker_cooldown
             ),
+            observe_latency=metrics.registry_call_seconds.observe,
         )
         return CachingResolver(
             backend,
@@ -127,7 +132,77 @@ def _change_feed(settings: Settings, registry: Registry) -> ChangeFeed | None:
     return ChangeFeed(settings.registry_url, settings.registry_token, registry.apply_change)
 
 
-async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) -> None:
+def _watch(metrics: Metrics, registry: Registry, feed: ChangeFeed | None) -> None:
+    """Expose the state of the parts in use; read at scrape time, never per check."""
+    if isinstance(registry, CachingResolver):
+        resolver = registry
+        metrics.counters(
+            "authz_cache_lookups", "Cache lookups by result.", "result", lambda: resolver.lookups
+        )
+        metrics.gauge(
+            "authz_cache_entries", "Keys in the in-process cache.", lambda: resolver.entries
+        )
+        metrics.counter(
+            "authz_cache_evictions",
+            "Entries pushed out by the size bound.",
+            lambda: resolver.evictions,
+        )
+        backend = resolver.backend
+        if isinstance(backend, HttpRegistry):
+            http = backend
+            metrics.counters(
+                "authz_registry_calls",
+                "Registry calls by outcome.",
+                "outcome",
+                lambda: http.outcomes,
+            )
+            metrics.gauge(
+                "authz_registry_circuit_state",
+                "Registry circuit breaker: 0 closed, 1 open, 2 half-open.",
+                lambda: _BREAKER_STATES[http.breaker_state],
+            )
+    if isinstance(registry, SnapshotRegistry):
+        snapshot = registry
+        metrics.gauge(
+            "authz_snapshot_version",
+            "Change-log version of the registry copy.",
+            lambda: snapshot.version,
+        )
+        metrics.gauge(
+            "authz_snapshot_age_seconds",
+            "Seconds since the copy last synced.",
+            lambda: None if snapshot.synced_at is None else time.time() - snapshot.synced_at,
+        )
+    followed = feed or getattr(registry, "feed", None)
+    if isinstance(followed, ChangeFeed) or isinstance(registry, SnapshotRegistry):
+        metrics.gauge(
+            "authz_feed_connected",
+            "1 while the registry change feed is connected.",
+            lambda: _feed_of(registry, feed, "connected"),
+        )
+        metrics.gauge(
+            "authz_feed_last_event_age_seconds",
+            "Seconds since the last change-feed event.",
+            lambda: _feed_of(registry, feed, "age"),
+        )
+
+
+_BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+def _feed_of(registry: Registry, feed: ChangeFeed | None, what: str) -> float | None:
+    # The snapshot registry creates its feed once its first snapshot is in.
+    followed = feed or getattr(registry, "feed", None)
+    if not isinstance(followed, ChangeFeed):
+        return 0 if what == "connected" else None
+    if what == "connected":
+        return 1 if followed.connected else 0
+    return None if followed.last_event_at is None else time.time() - followed.last_event_at
+
+
+async def _serve(
+    settings: Settings, stop: asyncio.Event, registry: Registry, metrics: Metrics
+) -> None:
     pipeline = Pipeline(
         registry,
         PipelineSettings(
@@ -139,7 +214,9 @@ async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) ->
             max_in_flight=settings.max_concurrent_checks,
             allow_non_http=settings.non_http_requests == "allow",
         ),
+        metrics,
     )
+    metrics.gauge("authz_checks_in_flight", "Checks being decided.", lambda: pipeline.in_flight)
     encoder = Encoder(
         CodecSettings(
             client_id_header=settings.client_id_header,
@@ -153,6 +230,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) ->
     server = grpc_server.build_server(
         grpc_server.AuthorizationServicer(pipeline, encoder),
         health_servicer,
+        grpc_server.AccessLogServicer(metrics, settings.access_log_client_header or None),
         max_message_bytes=settings.max_message_bytes,
     )
     try:
@@ -168,7 +246,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, registry: Registry) ->
 
     await server.start()
     try:
-        runner = await http_server.start(settings.http_address, is_ready)
+        runner = await http_server.start(settings.http_address, is_ready, metrics.exposition)
     except OSError as exc:
         await server.stop(None)
         raise StartupError(

@@ -1,6 +1,6 @@
-"""The only module that knows Envoy's ext_authz protos: CheckRequest -> Request, Decision ->
-CheckResponse. It uses the upb-backed classes from xds-protos, which parse a CheckRequest in a
-few microseconds.
+"""The only module that knows Envoy's protos: CheckRequest -> Request, Decision ->
+CheckResponse, and access-log messages -> UpstreamRecords. It uses the upb-backed classes from
+xds-protos, which parse a CheckRequest in a few microseconds.
 
 Wire rules (see Envoy's ext_authz filter and external_auth.proto documentation):
 - Allow: ``ok_response.headers`` with ``append`` unset *overwrite* what the client sent, so a
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
 from authz_service.model import Client, Decision, Request
@@ -68,7 +69,47 @@ def decode(check: CheckRequest) -> Request:
         host=http.host,
         path=http.path.partition("?")[0].partition("#")[0],
         request_id=http.id,
+        size=max(http.size, 0),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRecord:
+    """One finished request from Envoy's access log; bytes are body bytes (the payload)."""
+
+    client_id: str | None
+    status: int
+    request_bytes: int
+    response_bytes: int
+
+
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+
+
+def decode_access_logs(
+    message: StreamAccessLogsMessage, client_header: str | None
+) -> list[UpstreamRecord]:
+    """The HTTP entries of one access-log message. The client is the one our Check put in the
+    dynamic metadata, or, with ``client_header``, the identity header we set upstream."""
+    records = []
+    for entry in message.http_logs.log_entry:
+        client_id = None
+        metadata = entry.common_properties.metadata.filter_metadata
+        if EXT_AUTHZ_NAMESPACE in metadata:
+            value = metadata[EXT_AUTHZ_NAMESPACE].fields.get("client_id")
+            client_id = value.string_value if value is not None else None
+        if client_id is None and client_header:
+            client_id = entry.request.request_headers.get(client_header)
+        request, response = entry.request, entry.response
+        records.append(
+            UpstreamRecord(
+                client_id=client_id or None,
+                status=response.response_code.value,
+                request_bytes=request.request_body_bytes,
+                response_bytes=response.response_body_bytes,
+            )
+        )
+    return records
 
 
 class Encoder:

@@ -1,4 +1,5 @@
-"""The gRPC face of the service: Envoy's Authorization API, standard health and reflection.
+"""The gRPC face of the service: Envoy's Authorization API, its access-log service, standard
+health and reflection.
 
 The Authorization handler only translates: decode -> pipeline -> encode. It never returns a gRPC
 error for a check, because Envoy would then apply ``failure_mode_allow``; every outcome,
@@ -8,15 +9,18 @@ including a request we cannot parse and our own failures, is an explicit CheckRe
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_service import envoy_codec
+from authz_service.metrics import Metrics
 from authz_service.model import Decision
 from authz_service.pipeline import Pipeline
 from authz_service.reasons import Reason
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+ACCESS_LOG_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 
 
 class AuthorizationServicer:
@@ -57,9 +62,29 @@ class AuthorizationServicer:
         }
 
 
+class AccessLogServicer:
+    """envoy.service.accesslog.v3.AccessLogService: Envoy's HTTP gRPC access logger streams each
+    finished request here; each is counted for its client."""
+
+    def __init__(self, metrics: Metrics, client_header: str | None) -> None:
+        self._metrics = metrics
+        self._client_header = client_header
+
+    async def StreamAccessLogs(  # noqa: N802 (the gRPC method name)
+        self, messages: AsyncIterator[StreamAccessLogsMessage], context: object
+    ) -> StreamAccessLogsResponse:
+        async for message in messages:
+            for record in envoy_codec.decode_access_logs(message, self._client_header):
+                self._metrics.upstream(
+                    record.client_id, record.status, record.request_bytes, record.response_bytes
+                )
+        return StreamAccessLogsResponse()
+
+
 def build_server(
     servicer: AuthorizationServicer,
     health_servicer: health.aio.HealthServicer,
+    access_log_servicer: AccessLogServicer,
     max_message_bytes: int,
 ) -> grpc.aio.Server:
     # No maximum_concurrent_rpcs: the pipeline bounds checks in flight itself and answers with
@@ -79,8 +104,10 @@ def build_server(
     server.add_registered_method_handlers(AUTHORIZATION_SERVICE, servicer.method_handlers())
     generic_only = _GenericHandlersOnly(server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, generic_only)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log_servicer, generic_only)
     reflection.enable_server_reflection(
-        (AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), generic_only
+        (AUTHORIZATION_SERVICE, HEALTH_SERVICE, ACCESS_LOG_SERVICE, reflection.SERVICE_NAME),
+        generic_only,
     )
     return server
 

@@ -17,13 +17,14 @@ import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, TextIO
 
-from authz_service.model import Decision, Request
+from authz_service.model import Decision, Request, Trace
 
 DEFAULT_REDACTED_FIELDS = ("authorization", "api_key", "apikey", "key", "x-api-key", "token")
 REDACTED = "[redacted]"
 _MAX_FIELD_LENGTH = 512  # request-supplied strings are cut so one request cannot bloat a line
 
 _decisions = logging.getLogger("authz_service.decision")
+_NO_TRACE = Trace()
 
 
 class JsonFormatter(logging.Formatter):
@@ -178,10 +179,12 @@ def failure(
     )
 
 
-def decision(request: Request, decision: Decision, elapsed: float) -> None:
-    """Log one decision: who, what, why and how long. Never the credential."""
+def decision(
+    request: Request, decision: Decision, elapsed: float, trace: Trace | None = None
+) -> None:
+    """Log one decision: who, what, why, how it was resolved and how long. Never the key."""
     if _decisions.isEnabledFor(logging.INFO):
-        _decisions.handle(_DecisionRecord(request, decision, elapsed))
+        _decisions.handle(_DecisionRecord(request, decision, elapsed, trace or _NO_TRACE))
 
 
 class _DecisionRecord(logging.LogRecord):
@@ -211,7 +214,7 @@ class _DecisionRecord(logging.LogRecord):
         "taskName": None,
     }
 
-    def __init__(self, request: Request, decision: Decision, elapsed: float) -> None:
+    def __init__(self, request: Request, decision: Decision, elapsed: float, trace: Trace) -> None:
         self.__dict__.update(self._CONSTANT)
         self.created = time.time()
         self.msecs = self.created % 1 * 1000
@@ -219,6 +222,7 @@ class _DecisionRecord(logging.LogRecord):
         self._request = request
         self._decision = decision
         self._elapsed = elapsed
+        self._trace = trace
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -233,4 +237,9 @@ class _DecisionRecord(logging.LogRecord):
             "path": request.path[:_MAX_FIELD_LENGTH],
             "request_id": request.request_id[:_MAX_FIELD_LENGTH],
             "latency_ms": round(self._elapsed * 1000, 3),
+            "key_id": self._trace.key_id,
+            "resolution": self._trace.resolution,
+            "registry_ms": None
+            if self._trace.registry_seconds is None
+            else round(self._trace.registry_seconds * 1000, 3),
         }

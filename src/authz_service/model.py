@@ -17,6 +17,7 @@ class Request:
     host: str = ""
     path: str = ""  # without query string or fragment
     request_id: str = ""
+    size: int = 0  # request body bytes, when Envoy reports them
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,15 @@ class Client:
     # When the presented key stops validating (Unix time), if the registry said: the end of a
     # regeneration grace period. Not part of the identity: equal clients compare equal.
     valid_until: float | None = field(default=None, compare=False)
+
+
+@dataclass(slots=True)
+class Trace:
+    """How one check was decided, for the decision log: never key material."""
+
+    key_id: str | None = None  # a non-secret fingerprint of the key (start of its SHA-256)
+    resolution: str | None = None  # "memory" or "registry"
+    registry_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from authz_service import credentials, logs
 from authz_service.credentials import CredentialRules
-from authz_service.model import Decision, Request
+from authz_service.metrics import Metrics
+from authz_service.model import Decision, Request, Trace
 from authz_service.reasons import Reason
 from authz_service.registry import Registry, RegistryError
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # Time kept back from the caller's deadline so that our answer reaches Envoy before it gives up.
 DEADLINE_MARGIN = 0.01
+KEY_ID_LENGTH = 12  # hex characters of the key's SHA-256 that name it in logs (not secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +34,11 @@ class PipelineSettings:
 
 
 class Pipeline:
-    def __init__(self, registry: Registry, settings: PipelineSettings) -> None:
+    def __init__(
+        self, registry: Registry, settings: PipelineSettings, metrics: Metrics | None = None
+    ) -> None:
         self._registry = registry
+        self._metrics = metrics
         self._rules = settings.credential_rules
         self._timeout = settings.check_timeout
         self._max_in_flight = settings.max_in_flight
@@ -52,13 +57,14 @@ class Pipeline:
             budget = min(budget, time_remaining - DEADLINE_MARGIN)
         # An explicit 503 rather than a gRPC RESOURCE_EXHAUSTED: a gRPC error would leave the
         # outcome to Envoy's failure_mode_allow.
+        trace = Trace()
         if self._in_flight >= self._max_in_flight:
             decision = Decision.deny(Reason.OVERLOADED)
-            logs.decision(request, decision, time.perf_counter() - started)
+            self._record(request, decision, time.perf_counter() - started, trace)
             return decision
         self._in_flight += 1
         try:
-            decision = await self._decide(request, budget)
+            decision = await self._decide(request, budget, trace)
         except TimeoutError:
             decision = Decision.deny(Reason.DEADLINE_EXCEEDED)
         except RegistryError as exc:
@@ -68,10 +74,19 @@ class Pipeline:
             decision = Decision.deny(Reason.INTERNAL_ERROR)
         finally:
             self._in_flight -= 1
-        logs.decision(request, decision, time.perf_counter() - started)
+        self._record(request, decision, time.perf_counter() - started, trace)
         return decision
 
-    async def _decide(self, request: Request, budget: float) -> Decision:
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _record(self, request: Request, decision: Decision, elapsed: float, trace: Trace) -> None:
+        logs.decision(request, decision, elapsed, trace)
+        if self._metrics is not None:
+            self._metrics.decision(decision, elapsed, request.size)
+
+    async def _decide(self, request: Request, budget: float, trace: Trace) -> Decision:
         if not request.is_http:
             return self._non_http
 
@@ -79,13 +94,20 @@ class Pipeline:
         credential = credentials.extract(request.authorization, self._rules)
         if isinstance(credential, Reason):
             return Decision.deny(credential)
+        trace.key_id = credential.key_hash[:KEY_ID_LENGTH]
 
         # 2. Resolution: the key's client, from memory if possible, else from the registry
         #    within the deadline (only waiting can overrun it, so only waiting pays for a timer).
         client = self._registry.lookup_now(credential)
+        trace.resolution = "memory"
         if client is None:
-            async with asyncio.timeout(budget):
-                client = await self._registry.lookup(credential)
+            trace.resolution = "registry"
+            asked = time.perf_counter()
+            try:
+                async with asyncio.timeout(budget):
+                    client = await self._registry.lookup(credential)
+            finally:
+                trace.registry_seconds = time.perf_counter() - asked
         if isinstance(client, Reason):
             return Decision.deny(client)
 

@@ -133,6 +133,17 @@ class Settings:
     redis_namespace: str = _setting(
         "authz", "prefix of the shared cache's Redis keys", _header_name
     )
+    metrics_client_cap: int = _setting(
+        1000,
+        "distinct client_id label values in /metrics; further clients are counted as 'other'",
+        between(1, 100_000),
+    )
+    access_log_client_header: str = _setting(
+        "",
+        "request header naming the client in Envoy's access logs when the ext_authz dynamic "
+        "metadata is absent (empty: metadata only)",
+        lambda value: _header_name(value) if value else None,
+    )
     keys_file: Path = _setting(
         Path("keys.yaml"), "YAML file of SHA-256 key hashes and their clients"
     )

@@ -18,6 +18,7 @@ class Keys:
     acme: str  # client "acme", roles reader and writer
     plain: str  # client "plain", no roles
     disabled: str
+    meter: str  # client "meter", used only by the telemetry tests, so counts are exact
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     path = tmp_path_factory.mktemp("keys") / "keys.yaml"
     acme = add_key(path, "acme", "Acme Corp", ("reader", "writer"))
     plain = add_key(path, "plain", "Plain Client")
+    meter = add_key(path, "meter", "Metered Client")
     disabled = apikeys.generate()
     document = yaml.safe_load(path.read_text())
     document["keys"].append(
@@ -36,7 +38,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
         }
     )
     path.write_text(yaml.safe_dump(document))
-    return Keys(path, acme, plain, disabled)
+    return Keys(path, acme, plain, disabled, meter)
 
 
 @pytest.fixture(scope="module")

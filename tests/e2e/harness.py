@@ -104,9 +104,14 @@ def echo_upstream(port: int = 0) -> Iterator[Upstream]:
 
         def do_GET(self) -> None:
             upstream.seen.append(list(self.headers.items()))
+            status, content_type = 200, "application/json"
             body = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
+            parts = self.path.split("/")
+            if len(parts) == 4 and parts[1] == "status":  # /status/<code>/<body bytes>
+                status, content_type = int(parts[2]), "text/plain"
+                body = b"x" * int(parts[3])
+            self.send_response(status)
+            self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -54,9 +54,10 @@ def check_json(authorization: str | None) -> str:
     )
 
 
-def test_reflection_lists_authorization_health_and_reflection(service: harness.Service) -> None:
+def test_reflection_lists_every_service(service: harness.Service) -> None:
     """`grpcurl list` works without any .proto file."""
     assert grpcurl(service, "list").split() == [
+        "envoy.service.accesslog.v3.AccessLogService",
         "envoy.service.auth.v3.Authorization",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",

@@ -13,6 +13,8 @@ import asyncio
 import json
 import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -48,16 +50,24 @@ class HttpRegistry:
         self,
         base_url: str,
         token: str,
+        *,
         timeout: float,
         max_in_flight: int,
         breaker: CircuitBreaker,
+        observe_latency: Callable[[float], None] = lambda _: None,
     ) -> None:
         self._url = base_url.rstrip("/") + VERIFY_PATH
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._breaker = breaker
+        self._observe_latency = observe_latency
         self._session: aiohttp.ClientSession | None = None
+        self.outcomes = {"ok": 0, "error": 0, "busy": 0, "circuit_open": 0}  # for /metrics
+
+    @property
+    def breaker_state(self) -> str:
+        return self._breaker.state.value
 
     @property
     def ready(self) -> bool:
@@ -80,13 +90,18 @@ class HttpRegistry:
 
     async def lookup(self, credential: Credential) -> Client | Reason:
         if self._slots.locked():
+            self.outcomes["busy"] += 1
             raise RegistryBusyError("registry lookups in flight at the bound")
         if not self._breaker.allow():
+            self.outcomes["circuit_open"] += 1
             raise RegistryError("registry circuit open")
         async with self._slots:
+            started = time.perf_counter()
             try:
                 answer = await self._call_once_more_if_unsent(credential.key)
             except (aiohttp.ClientError, TimeoutError, RegistryError) as exc:
+                self._observe_latency(time.perf_counter() - started)
+                self.outcomes["error"] += 1
                 self._breaker.failed()
                 logs.failure(
                     log,
@@ -101,6 +116,8 @@ class HttpRegistry:
             except asyncio.CancelledError:
                 # The check was abandoned (our deadline or Envoy's): no verdict on the registry.
                 raise
+            self._observe_latency(time.perf_counter() - started)
+            self.outcomes["ok"] += 1
             self._breaker.succeeded()
             return answer
 

@@ -48,7 +48,8 @@ class SnapshotRegistry:
         self._clock = clock
         self._keys: dict[str, Record] = {}
         self.version: int | None = None
-        self._feed: ChangeFeed | None = None
+        self.synced_at: float | None = None  # when the copy last took in the registry's state
+        self.feed: ChangeFeed | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -59,8 +60,8 @@ class SnapshotRegistry:
         self._task = asyncio.create_task(self._sync(), name="registry-snapshot")
 
     async def close(self) -> None:
-        if self._feed is not None:
-            await self._feed.close()
+        if self.feed is not None:
+            await self.feed.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -92,6 +93,7 @@ class SnapshotRegistry:
         else:
             raise ValueError(f"unknown change op {change['op']!r}")
         self.version = version
+        self.synced_at = time.time()
 
     async def _sync(self) -> None:
         headers = {"Authorization": f"Bearer {self._token}"}
@@ -100,7 +102,7 @@ class SnapshotRegistry:
                 try:
                     if self.version is None:
                         await self._load(session)
-                    elif self._feed is None or not self._feed.connected:
+                    elif self.feed is None or not self.feed.connected:
                         await self._poll(session)
                 except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
                     logs.failure(log, "registry snapshot not refreshed", "snapshot_error", exc)
@@ -112,15 +114,16 @@ class SnapshotRegistry:
             document = await reply.json()
         keys = {str(entry["key_hash"]): _record(entry) for entry in document["keys"]}
         self._keys, self.version = keys, int(document["version"])
+        self.synced_at = time.time()
         log.info(
             "registry snapshot loaded",
             extra={
                 "fields": {"event": "snapshot_loaded", "version": self.version, "keys": len(keys)}
             },
         )
-        if self._feed is None:
-            self._feed = ChangeFeed(self._base, self._token, self.apply_change, since=self.version)
-            await self._feed.start()
+        if self.feed is None:
+            self.feed = ChangeFeed(self._base, self._token, self.apply_change, since=self.version)
+            await self.feed.start()
 
     async def _poll(self, session: aiohttp.ClientSession) -> None:
         async with session.get(

@@ -1,0 +1,95 @@
+"""Metrics: bounded client labels, and access-log entries attributed to the right client."""
+
+from __future__ import annotations
+
+from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
+from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
+
+from authz_service.envoy_codec import UpstreamRecord, decode_access_logs
+from authz_service.metrics import Metrics
+from authz_service.model import Client, Decision
+from authz_service.reasons import Reason
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str]) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_client_labels_are_capped_and_fold_into_other() -> None:
+    """Past the cap, new clients are counted under 'other'; known ones keep their label."""
+    metrics = Metrics(client_label_cap=2)
+    for client_id in ("a", "b", "c", "d", "a"):
+        metrics.decision(Decision.allow(Client(client_id, client_id)), 0.001, 0)
+    counts = {
+        c: sample(
+            metrics,
+            "authz_checks_total",
+            {"client_id": c, "decision": "allow", "reason": "allowed"},
+        )
+        for c in ("a", "b", "c", "d", "other")
+    }
+    assert counts == {"a": 2, "b": 1, "c": 0, "d": 0, "other": 2}
+
+
+def test_denials_without_a_client_are_labelled_none() -> None:
+    """A request's own claims never become a label."""
+    metrics = Metrics()
+    metrics.decision(Decision.deny(Reason.UNKNOWN_KEY), 0.001, 0)
+    assert (
+        sample(
+            metrics,
+            "authz_checks_total",
+            {"client_id": "none", "decision": "deny", "reason": "unknown_key"},
+        )
+        == 1
+    )
+
+
+def entry(
+    client_id: str | None = None, header: str | None = None, status: int = 200, body: int = 10
+) -> HTTPAccessLogEntry:
+    log = HTTPAccessLogEntry()
+    if client_id is not None:
+        log.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].update(
+            {"client_id": client_id}
+        )
+    if header is not None:
+        log.request.request_headers["x-client-id"] = header
+    log.request.request_body_bytes = 3
+    log.response.response_code.value = status
+    log.response.response_body_bytes = body
+    return log
+
+
+def message(*entries: HTTPAccessLogEntry) -> StreamAccessLogsMessage:
+    result = StreamAccessLogsMessage()
+    result.http_logs.log_entry.extend(entries)
+    return result
+
+
+def test_access_log_entries_are_attributed_by_our_dynamic_metadata() -> None:
+    """The client our Check named; the header is used only when configured and no metadata."""
+    records = decode_access_logs(
+        message(entry("acme"), entry(header="spoof"), entry("acme", header="spoof")),
+        client_header=None,
+    )
+    assert [r.client_id for r in records] == ["acme", None, "acme"]
+    assert records[0] == UpstreamRecord("acme", 200, 3, 10)
+    with_header = decode_access_logs(message(entry(header="x")), client_header="x-client-id")
+    assert with_header[0].client_id == "x"
+
+
+def test_upstream_responses_are_counted_by_status_class_with_body_bytes() -> None:
+    """2xx and 5xx responses and their bytes, per client."""
+    metrics = Metrics()
+    metrics.upstream("acme", 200, 3, 100)
+    metrics.upstream("acme", 503, 0, 50)
+    assert (
+        sample(
+            metrics, "authz_upstream_responses_total", {"client_id": "acme", "status_class": "5xx"}
+        )
+        == 1
+    )
+    assert sample(metrics, "authz_upstream_response_bytes_total", {"client_id": "acme"}) == 150
+    assert sample(metrics, "authz_upstream_request_bytes_total", {"client_id": "acme"}) == 3
