@@ -79,14 +79,24 @@ def test_upstream_answers_and_bytes_are_counted_per_client_from_access_logs(
     assert delta("authz_upstream_response_bytes_total", client_id="meter") == 4 * 100 + 3 * 50
 
 
-def test_no_key_appears_in_metrics(
-    front_proxy: harness.Envoy, service: harness.Service, keys: Keys
+def test_no_key_appears_in_metrics_logs_or_responses(
+    front_proxy: harness.Envoy, service: harness.Service, upstream: harness.Upstream, keys: Keys
 ) -> None:
-    """A recognisable key sent through Envoy is nowhere in the exposition."""
+    """A recognisable key sent through Envoy is nowhere: not in /metrics, the service's logs,
+    the answers (headers and body) or what the upstream received."""
     marker = "azk_RECOGNISABLE0000000000000000000000000"
-    harness.send(front_proxy.port, "/leak", [("Authorization", f"ApiKey {marker}")])
-    harness.send(front_proxy.port, "/leak", [("Authorization", f"ApiKey {keys.acme}")])
-    text = harness.send(service.http_port, "/metrics").body.decode()
-    assert marker not in text
-    assert keys.acme not in text
-    assert not re.search(r'path="', text)
+    replies = [
+        harness.send(front_proxy.port, "/leak", [("Authorization", f"ApiKey {marker}")]),
+        harness.send(front_proxy.port, "/leak", [("Authorization", f"ApiKey {keys.acme}")]),
+    ]
+    harness.wait_until(lambda: service.logs().count('"path": "/leak"') >= 2, 5, "decision logs")
+    outputs = [
+        harness.send(service.http_port, "/metrics").body.decode(),
+        service.logs(),
+        *(repr(reply.headers) + reply.body.decode() for reply in replies),
+        repr(upstream.seen[-1]),
+    ]
+    for text in outputs:
+        assert marker not in text
+        assert keys.acme not in text
+    assert not re.search(r'path="', outputs[0])
