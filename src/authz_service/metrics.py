@@ -5,18 +5,25 @@ dynamic metadata our own Check put on the request), never from what a client sen
 ``client_label_cap`` distinct clients they fold into ``other``. Keys, paths and raw header values
 are never labels.
 
-Per-check work is one cached counter child and one histogram observation. State that changes
-elsewhere (the cache, the registry client, the breaker, the snapshot, the change feed) is read
-only when /metrics is scraped.
+Per-check work is a dictionary increment and a histogram observation on plain numbers. State that
+changes elsewhere (the cache, the registry client, the breaker, the snapshot, the change feed) is
+read only when /metrics is scraped.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from authz_service.model import Decision
 
@@ -58,81 +65,113 @@ class ClientLabels:
         return label
 
 
+class Histogram:
+    """A histogram kept as plain numbers: ``observe`` is one ``bisect`` and three additions.
+
+    Every observation and every scrape happens on the event loop thread, so no lock is needed.
+    """
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._bounds = buckets
+        self._counts = [0] * (len(buckets) + 1)  # the last slot is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts per upper bound, as Prometheus expects."""
+        cumulative, total = [], 0
+        for bound, count in zip(
+            (*map(floatToGoString, self._bounds), "+Inf"), self._counts, strict=True
+        ):
+            total += count
+            cumulative.append((bound, float(total)))
+        return cumulative
+
+
 class Metrics:
+    """The service's metrics. Updated on the event loop thread only (checks, access logs,
+    registry calls), and read there by /metrics: plain numbers, no locks on the hot path."""
+
     def __init__(self, client_label_cap: int = 1000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.clients = ClientLabels(client_label_cap)
-        registry = self.registry
-        self._checks = Counter(
+        self._checks: dict[tuple[str, str, str], int] = {}
+        self._check_seconds = Histogram(CHECK_BUCKETS)
+        self._request_bytes: dict[str, int] = {}
+        self.registry_call_seconds = Histogram(CHECK_BUCKETS)
+        self._upstream: dict[tuple[str, str], int] = {}
+        self._upstream_request_bytes: dict[str, int] = {}
+        self._upstream_response_bytes: dict[str, int] = {}
+        self._state = _StateCollector()
+        self.registry.register(self._state)
+        self.counters(
             "authz_checks",
             "Checks answered, by client, decision and reason.",
-            ["client_id", "decision", "reason"],
-            registry=registry,
+            ("client_id", "decision", "reason"),
+            lambda: self._checks,
         )
-        self._check_seconds = Histogram(
-            "authz_check_duration_seconds",
-            "Time to decide one check.",
-            buckets=CHECK_BUCKETS,
-            registry=registry,
+        self.histogram(
+            "authz_check_duration_seconds", "Time to decide one check.", self._check_seconds
         )
-        self._request_bytes = Counter(
+        self.counters(
             "authz_request_bytes",
-            "Request body bytes of checked requests, as Envoy reports "
-            "them in the CheckRequest, by client.",
-            ["client_id"],
-            registry=registry,
+            "Request body bytes of checked requests, as Envoy "
+            "reports them in the CheckRequest, by client.",
+            ("client_id",),
+            lambda: self._request_bytes,
         )
-        self.registry_call_seconds = Histogram(
+        self.histogram(
             "authz_registry_call_duration_seconds",
             "Time of one call to the client registry.",
-            buckets=CHECK_BUCKETS,
-            registry=registry,
+            self.registry_call_seconds,
         )
-        self._upstream_responses = Counter(
+        self.counters(
             "authz_upstream_responses",
-            "Requests finished by the upstream, from Envoy's access "
-            "logs, by client and status class.",
-            ["client_id", "status_class"],
-            registry=registry,
+            "Requests finished by the upstream, from "
+            "Envoy's access logs, by client and status class.",
+            ("client_id", "status_class"),
+            lambda: self._upstream,
         )
-        self._upstream_request_bytes = Counter(
+        self.counters(
             "authz_upstream_request_bytes",
-            "Request bytes (headers and body) from Envoy's access logs, by client.",
-            ["client_id"],
-            registry=registry,
+            "Request body bytes from Envoy's access logs, by client.",
+            ("client_id",),
+            lambda: self._upstream_request_bytes,
         )
-        self._upstream_response_bytes = Counter(
+        self.counters(
             "authz_upstream_response_bytes",
-            "Response bytes (headers and body) from Envoy's access logs, by client.",
-            ["client_id"],
-            registry=registry,
+            "Response body bytes from Envoy's access logs, by client.",
+            ("client_id",),
+            lambda: self._upstream_response_bytes,
         )
-        self._state = _StateCollector()
-        registry.register(self._state)
-        self._children: dict[tuple[str, bool, str], Any] = {}
 
     def decision(self, decision: Decision, elapsed: float, request_bytes: int) -> None:
         client = decision.client
         label = self.clients.label(client.client_id if client else None)
-        key = (label, decision.allowed, decision.reason.value)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._checks.labels(
-                label, "allow" if decision.allowed else "deny", decision.reason.value
-            )
-        child.inc()
+        key = (label, "allow" if decision.allowed else "deny", decision.reason.value)
+        self._checks[key] = self._checks.get(key, 0) + 1
         self._check_seconds.observe(elapsed)
         if request_bytes > 0:
-            self._request_bytes.labels(label).inc(request_bytes)
+            self._request_bytes[label] = self._request_bytes.get(label, 0) + request_bytes
 
     def upstream(
         self, client_id: str | None, status: int, request_bytes: int, response_bytes: int
     ) -> None:
         label = self.clients.label(client_id)
         status_class = f"{status // 100}xx" if 100 <= status < 600 else "unknown"
-        self._upstream_responses.labels(label, status_class).inc()
-        self._upstream_request_bytes.labels(label).inc(request_bytes)
-        self._upstream_response_bytes.labels(label).inc(response_bytes)
+        key = (label, status_class)
+        self._upstream[key] = self._upstream.get(key, 0) + 1
+        self._upstream_request_bytes[label] = (
+            self._upstream_request_bytes.get(label, 0) + request_bytes
+        )
+        self._upstream_response_bytes[label] = (
+            self._upstream_response_bytes.get(label, 0) + response_bytes
+        )
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float | None]) -> None:
         """A gauge read at scrape time (absent while ``read`` returns None)."""
@@ -140,13 +179,21 @@ class Metrics:
 
     def counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A counter kept elsewhere and read at scrape time."""
-        self._state.counters.append((name, documentation, None, lambda: {"": read()}))
+        self._state.counters.append((name, documentation, (), lambda: {(): read()}))
 
     def counters(
-        self, name: str, documentation: str, label: str, read: Callable[[], Mapping[str, float]]
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...] | str,
+        read: Callable[[], Mapping[Any, float]],
     ) -> None:
-        """A labelled counter whose values are kept elsewhere and read at scrape time."""
-        self._state.counters.append((name, documentation, label, read))
+        """A labelled counter kept elsewhere (keys: label values) and read at scrape time."""
+        names = (labels,) if isinstance(labels, str) else labels
+        self._state.counters.append((name, documentation, names, read))
+
+    def histogram(self, name: str, documentation: str, histogram: Histogram) -> None:
+        self._state.histograms.append((name, documentation, histogram))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -155,7 +202,10 @@ class Metrics:
 class _StateCollector:
     def __init__(self) -> None:
         self.gauges: list[tuple[str, str, Callable[[], float | None]]] = []
-        self.counters: list[tuple[str, str, str | None, Callable[[], Mapping[str, float]]]] = []
+        self.counters: list[
+            tuple[str, str, tuple[str, ...], Callable[[], Mapping[Any, float]]]
+        ] = []
+        self.histograms: list[tuple[str, str, Histogram]] = []
 
     def describe(self) -> Iterable[Metric]:
         return []  # described on collection; the set of metrics is fixed at start-up
@@ -165,8 +215,18 @@ class _StateCollector:
             value = read()
             if value is not None:
                 yield GaugeMetricFamily(name, documentation, value=value)
-        for name, documentation, label, read_all in self.counters:
-            family = CounterMetricFamily(name, documentation, labels=[label] if label else [])
-            for label_value, count in read_all().items():
-                family.add_metric([label_value] if label else [], count)
+        for name, documentation, labels, read_all in self.counters:
+            family = CounterMetricFamily(name, documentation, labels=list(labels))
+            for values, count in list(read_all().items()):
+                family.add_metric(_label_values(values, len(labels)), count)
             yield family
+        for name, documentation, histogram in self.histograms:
+            distribution = HistogramMetricFamily(name, documentation)
+            distribution.add_metric([], histogram.buckets(), histogram.sum)
+            yield distribution
+
+
+def _label_values(values: Any, count: int) -> list[str]:
+    if count == 0:
+        return []
+    return [values] if count == 1 and isinstance(values, str) else list(values)

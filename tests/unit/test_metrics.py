@@ -93,3 +93,18 @@ def test_upstream_responses_are_counted_by_status_class_with_body_bytes() -> Non
     )
     assert sample(metrics, "authz_upstream_response_bytes_total", {"client_id": "acme"}) == 150
     assert sample(metrics, "authz_upstream_request_bytes_total", {"client_id": "acme"}) == 3
+
+
+def test_the_histogram_exposes_cumulative_buckets_sum_and_count() -> None:
+    """What Prometheus expects: le buckets counting everything at or below, then +Inf."""
+    metrics = Metrics()
+    for elapsed in (0.00002, 0.00003, 0.0004, 2.0):
+        metrics.decision(Decision.deny(Reason.UNKNOWN_KEY), elapsed, 0)
+    bucket = "authz_check_duration_seconds_bucket"
+    assert sample(metrics, bucket, {"le": "2.5e-05"}) == 1
+    assert sample(metrics, bucket, {"le": "5e-05"}) == 2
+    assert sample(metrics, bucket, {"le": "0.0005"}) == 3
+    assert sample(metrics, bucket, {"le": "1.0"}) == 3
+    assert sample(metrics, bucket, {"le": "+Inf"}) == 4
+    assert sample(metrics, "authz_check_duration_seconds_count", {}) == 4
+    assert abs(sample(metrics, "authz_check_duration_seconds_sum", {}) - 2.00045) < 1e-9
