@@ -55,9 +55,9 @@ class Pipeline:
         budget = self._timeout
         if time_remaining is not None:
             budget = min(budget, time_remaining - DEADLINE_MARGIN)
+        trace = Trace()
         # An explicit 503 rather than a gRPC RESOURCE_EXHAUSTED: a gRPC error would leave the
         # outcome to Envoy's failure_mode_allow.
-        trace = Trace()
         if self._in_flight >= self._max_in_flight:
             decision = Decision.deny(Reason.OVERLOADED)
             self._record(request, decision, time.perf_counter() - started, trace)
