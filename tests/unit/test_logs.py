@@ -7,8 +7,8 @@ import json
 import logging
 import time
 
-from authz_service.logs import BatchingHandler, JsonFormatter, decision
-from authz_service.model import Client, Decision, Request
+from authz_service.logs import BatchingHandler, JsonFormatter, _DecisionRecord, decision
+from authz_service.model import Client, Decision, Request, Trace
 from authz_service.reasons import Reason
 
 
@@ -119,3 +119,24 @@ def test_the_batching_handler_is_bounded_and_says_what_it_dropped() -> None:
     assert [line["msg"] for line in lines[:3]] == ["0", "1", "2"]
     assert lines[3]["event"] == "logs_dropped"
     assert lines[3]["dropped"] == 2
+
+
+def test_redacting_a_decision_field_still_gives_a_whole_line() -> None:
+    """Decision lines are rendered directly unless a field of theirs is on the redaction list;
+    then the generic path redacts it."""
+    request = Request(is_http=True, method="GET", host="h", path="/secret-path", request_id="r")
+    lines = []
+    for redacted in (("authorization",), ("path",)):
+        stream = io.StringIO()
+        handler = BatchingHandler(stream, JsonFormatter(redacted), interval=60)
+        handler.handle(
+            _DecisionRecord(request, Decision.allow(Client("c", "C")), 0.001, Trace(key_id="abc"))
+        )
+        handler.close()
+        lines.append(json.loads(stream.getvalue()))
+    direct, redacted_line = lines
+    assert direct["path"] == "/secret-path"
+    assert redacted_line["path"] == "[redacted]"
+    assert {k: v for k, v in direct.items() if k not in {"path", "ts"}} == {
+        k: v for k, v in redacted_line.items() if k not in {"path", "ts"}
+    }
