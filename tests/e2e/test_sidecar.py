@@ -1,0 +1,50 @@
+"""The sidecar sample through a real Envoy, with authz-service on a Unix socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e import harness
+from tests.e2e.conftest import Keys
+
+pytestmark = pytest.mark.e2e
+SIDECAR = harness.ROOT / "envoy" / "sidecar.yaml"
+
+
+def render_sidecar(listener: int, admin: int, socket: Path, app: int) -> dict[str, Any]:
+    """The sample, unchanged except for its addresses."""
+    config: dict[str, Any] = yaml.safe_load(SIDECAR.read_text())
+    config["admin"]["address"]["socket_address"]["port_value"] = admin
+    resources = config["static_resources"]
+    resources["listeners"][0]["address"]["socket_address"].update(
+        address="127.0.0.1", port_value=listener
+    )
+    for cluster in resources["clusters"]:
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+            "address"
+        ]
+        if cluster["name"] == "authz":
+            address["pipe"]["path"] = str(socket)
+        else:
+            address["socket_address"]["port_value"] = app
+    return config
+
+
+def test_the_sidecar_checks_over_a_unix_socket(
+    tmp_path: Path, keys: Keys, upstream: harness.Upstream
+) -> None:
+    """A valid key reaches the app with its identity; no key is 401; /healthz bypasses."""
+    socket = tmp_path / "authz.sock"
+    with harness.authz_service(tmp_path, keys.path, grpc_address=f"unix:{socket}"):
+        config = render_sidecar(harness.free_port(), harness.free_port(), socket, upstream.port)
+        with harness.envoy(tmp_path, config) as proxy:
+            reply = harness.send(proxy.port, "/", [("Authorization", f"ApiKey {keys.acme}")])
+            assert reply.status == 200
+            assert upstream.values(-1, "x-client-id") == ["acme"]
+            assert harness.send(proxy.port, "/").status == 401
+            assert harness.send(proxy.port, "/healthz", [("x-client-id", "x")]).status == 200
+            assert upstream.values(-1, "x-client-id") == []
