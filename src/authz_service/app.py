@@ -173,31 +173,34 @@ def _watch(metrics: Metrics, registry: Registry, feed: ChangeFeed | None) -> Non
             "Seconds since the copy last synced.",
             lambda: None if snapshot.synced_at is None else time.time() - snapshot.synced_at,
         )
-    followed = feed or getattr(registry, "feed", None)
-    if isinstance(followed, ChangeFeed) or isinstance(registry, SnapshotRegistry):
-        metrics.gauge(
-            "authz_feed_connected",
-            "1 while the registry change feed is connected.",
-            lambda: _feed_of(registry, feed, "connected"),
-        )
-        metrics.gauge(
-            "authz_feed_last_event_age_seconds",
-            "Seconds since the last change-feed event.",
-            lambda: _feed_of(registry, feed, "age"),
-        )
+    if feed is None and not isinstance(registry, SnapshotRegistry):
+        return
+
+    def followed() -> ChangeFeed | None:
+        # The snapshot registry creates its feed once its first snapshot is in.
+        return registry.feed if isinstance(registry, SnapshotRegistry) else feed
+
+    def connected() -> float:
+        current = followed()
+        return 1 if current is not None and current.connected else 0
+
+    def last_event_age() -> float | None:
+        current = followed()
+        if current is None or current.last_event_at is None:
+            return None
+        return time.time() - current.last_event_at
+
+    metrics.gauge(
+        "authz_feed_connected", "1 while the registry change feed is connected.", connected
+    )
+    metrics.gauge(
+        "authz_feed_last_event_age_seconds",
+        "Seconds since the last change-feed event.",
+        last_event_age,
+    )
 
 
 _BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
-
-
-def _feed_of(registry: Registry, feed: ChangeFeed | None, what: str) -> float | None:
-    # The snapshot registry creates its feed once its first snapshot is in.
-    followed = feed or getattr(registry, "feed", None)
-    if not isinstance(followed, ChangeFeed):
-        return 0 if what == "connected" else None
-    if what == "connected":
-        return 1 if followed.connected else 0
-    return None if followed.last_event_at is None else time.time() - followed.last_event_at
 
 
 async def _serve(

@@ -89,7 +89,6 @@ class CachingResolver:
         )
         # Read by /metrics at scrape time; plain integers cost the hot path nothing to speak of.
         self.lookups = {"hit": 0, "negative_hit": 0, "miss": 0, "stale_served": 0}
-        self.registry_calls = 0
 
     @property
     def ready(self) -> bool:
@@ -176,7 +175,6 @@ class CachingResolver:
                     answer, remaining = shared
                     self._store(key_hash, answer, remaining)
                     return answer
-            self.registry_calls += 1
             answer = await self._backend.lookup(credential)
         except Exception:
             entry = self._cache.get(key_hash)
