@@ -32,6 +32,10 @@ class FakeRegistry:
     async def close(self) -> None:
         pass
 
+    def find_client(self, client_id: str) -> Client | None:
+        clients = (c for c in self.answers.values() if isinstance(c, Client))
+        return next((c for c in clients if c.client_id == client_id), None)
+
     def lookup_now(self, credential: Credential) -> None:
         return None  # always take the waiting path, where delays and errors are injected
 

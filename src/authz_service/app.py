@@ -8,16 +8,20 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
 from authz_service import grpc_server, http_server
+from authz_service.admin.servicer import AdminServicer
 from authz_service.breaker import CircuitBreaker
 from authz_service.credentials import CredentialRules
 from authz_service.envoy_codec import CodecSettings, Encoder
 from authz_service.feed import ChangeFeed
 from authz_service.metrics import Metrics
 from authz_service.pipeline import Pipeline, PipelineSettings
+from authz_service.policy import NO_POLICY, Policy, PolicyError, PolicyFile
 from authz_service.registry import Registry
 from authz_service.registry.http import HttpRegistry
 from authz_service.registry.snapshot import SnapshotRegistry
@@ -56,17 +60,36 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
         registry = registry or _registry(settings, metrics)
     except RuntimeError as exc:  # an optional extra that the settings need is missing
         raise StartupError(str(exc)) from None
+    policy_file = PolicyFile(Path(settings.policy_file), settings.policy_reload_interval)
+    if settings.policy_file:
+        try:
+            await policy_file.start()
+        except PolicyError as exc:
+            raise StartupError(str(exc)) from None
+        metrics.gauge(
+            "authz_policy_rules",
+            "Rules in the policy file in force.",
+            lambda: len(policy_file.current().rules),
+        )
+        policy: Callable[[], Policy] = policy_file.current
+    else:
+        policy = _no_policy
     feed = _change_feed(settings, registry)
     _watch(metrics, registry, feed)
-    await registry.start()
-    if feed is not None:
-        await feed.start()
     try:
-        await _serve(settings, stop, registry, metrics)
+        await registry.start()
+        if feed is not None:
+            await feed.start()
+        await _serve(settings, stop, registry, metrics, policy)
     finally:
         if feed is not None:
             await feed.close()
         await registry.close()
+        await policy_file.close()
+
+
+def _no_policy() -> Policy:
+    return NO_POLICY
 
 
 async def _follow_readiness(
@@ -204,7 +227,11 @@ _BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
 async def _serve(
-    settings: Settings, stop: asyncio.Event, registry: Registry, metrics: Metrics
+    settings: Settings,
+    stop: asyncio.Event,
+    registry: Registry,
+    metrics: Metrics,
+    policy: Callable[[], Policy],
 ) -> None:
     pipeline = Pipeline(
         registry,
@@ -218,6 +245,7 @@ async def _serve(
             allow_non_http=settings.non_http_requests == "allow",
         ),
         metrics,
+        policy,
     )
     metrics.gauge("authz_checks_in_flight", "Checks being decided.", lambda: pipeline.in_flight)
     encoder = Encoder(
@@ -236,22 +264,23 @@ async def _serve(
         grpc_server.AccessLogServicer(metrics, settings.access_log_client_header or None),
         max_message_bytes=settings.max_message_bytes,
     )
-    try:
-        port = server.add_insecure_port(settings.grpc_address)
-    except RuntimeError as exc:
-        raise StartupError(
-            f"AUTHZ_GRPC_ADDRESS (grpc_address): cannot listen on {settings.grpc_address}: {exc}"
-        ) from None
+    admin = grpc_server.build_admin_server(AdminServicer(pipeline))
+    port = _listen(server, settings.grpc_address, "AUTHZ_GRPC_ADDRESS (grpc_address)")
+    if settings.admin_address:
+        _listen(admin, settings.admin_address, "AUTHZ_ADMIN_ADDRESS (admin_address)")
     draining = False
 
     def is_ready() -> bool:
         return registry.ready and not draining
 
     await server.start()
+    if settings.admin_address:
+        await admin.start()
     try:
         runner = await http_server.start(settings.http_address, is_ready, metrics.exposition)
     except OSError as exc:
         await server.stop(None)
+        await admin.stop(None)
         raise StartupError(
             f"AUTHZ_HTTP_ADDRESS (http_address): cannot listen on {settings.http_address}: "
             f"{exc.strerror}"
@@ -268,6 +297,7 @@ async def _serve(
                 "grpc_address": settings.grpc_address,
                 "grpc_port": port,
                 "http_address": settings.http_address,
+                "admin_address": settings.admin_address or None,
             }
         },
     )
@@ -290,6 +320,14 @@ async def _serve(
     health_task.cancel()
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_delay)
+    await admin.stop(None)
     await server.stop(settings.shutdown_grace)
     await runner.cleanup()
     log.info("stopped", extra={"fields": {"event": "stopped"}})
+
+
+def _listen(server: grpc.aio.Server, address: str, setting: str) -> int:
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"{setting}: cannot listen on {address}: {exc}") from None

@@ -46,6 +46,9 @@ class TtlCache(Generic[K, V]):
             self._entries.popitem(last=False)
             self.evictions += 1
 
+    def values(self) -> list[V]:
+        return [entry.value for entry in self._entries.values()]
+
     def pop(self, key: K) -> Entry[V] | None:
         return self._entries.pop(key, None)
 

@@ -26,9 +26,10 @@ from authz_service.model import Client, Decision, Request
 from authz_service.reasons import OUTCOMES, UNAUTHORIZED, UNAVAILABLE, Reason
 
 MAX_HEADER_VALUE_LENGTH = 256
-# Allow responses depend only on the client, so they are built once per client and reused
-# (never mutated after building). Bounded; cleared wholesale when full.
+# Allow responses depend only on the client, and denials only on the reason and rule, so they
+# are built once and reused (never mutated after building). Bounded; cleared wholesale when full.
 _MAX_CACHED_ALLOWS = 10_000
+_MAX_CACHED_RULE_DENIALS = 1_000
 # Printable ASCII except "%": everything else is percent-encoded, so a registry-supplied value can
 # never carry CR, LF or NUL into a header (Envoy would turn that request into a 500).
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -46,6 +47,7 @@ class CodecSettings:
 
 def decode(check: CheckRequest) -> Request:
     """Take from a CheckRequest what the pipeline needs."""
+    route = check.attributes.context_extensions
     attributes = check.attributes.request
     if not attributes.HasField("http"):
         # Envoy's network (TCP) ext_authz filter, which Istio also installs, sends no HTTP part.
@@ -70,6 +72,7 @@ def decode(check: CheckRequest) -> Request:
         path=http.path.partition("?")[0].partition("#")[0],
         request_id=http.id,
         size=max(http.size, 0),
+        route=tuple(sorted(route.items())) if route else (),
     )
 
 
@@ -123,11 +126,20 @@ class Encoder:
             settings.client_roles_header,
         )
         self._denials = {reason: self._build_denial(reason) for reason in Reason}
+        self._rule_denials: dict[tuple[Reason, str], CheckResponse] = {}
         self._allows: dict[Client | None, CheckResponse] = {}
 
     def encode(self, decision: Decision) -> CheckResponse:
         if not decision.allowed:
-            return self._denials[decision.reason]
+            if decision.rule is None:
+                return self._denials[decision.reason]
+            key = (decision.reason, decision.rule)
+            denial = self._rule_denials.get(key)
+            if denial is None:
+                if len(self._rule_denials) >= _MAX_CACHED_RULE_DENIALS:
+                    self._rule_denials.clear()
+                denial = self._rule_denials[key] = self._build_denial(*key)
+            return denial
         response = self._allows.get(decision.client)
         if response is None:
             if len(self._allows) >= _MAX_CACHED_ALLOWS:
@@ -156,7 +168,7 @@ class Encoder:
         )
         return response
 
-    def _build_denial(self, reason: Reason) -> CheckResponse:
+    def _build_denial(self, reason: Reason, rule: str | None = None) -> CheckResponse:
         outcome = OUTCOMES[reason]
         status = outcome.status
         response = CheckResponse()
@@ -171,6 +183,10 @@ class Encoder:
             ("cache-control", "no-store"),
             ("x-ext-authz-reason", reason.value),
         ]
+        body = {"error": status.error, "reason": reason.value, "message": outcome.message}
+        if rule is not None:  # rule ids come from the policy file or Envoy's route, never a client
+            headers.append(("x-ext-authz-rule", rule))
+            body["rule"] = rule
         if status is UNAUTHORIZED:
             realm = self._settings.realm.replace("\\", "\\\\").replace('"', '\\"')
             headers.append(("www-authenticate", f'ApiKey realm="{realm}"'))
@@ -179,9 +195,7 @@ class Encoder:
         denied.headers.extend(
             HeaderValueOption(header=HeaderValue(key=name, value=value)) for name, value in headers
         )
-        denied.body = json.dumps(
-            {"error": status.error, "reason": reason.value, "message": outcome.message}
-        )
+        denied.body = json.dumps(body)
         return response
 
 

@@ -20,6 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_service import envoy_codec
+from authz_service.admin.servicer import ADMIN_SERVICE, AdminServicer
+from authz_service.admin.v1 import admin_pb2_grpc
 from authz_service.metrics import Metrics
 from authz_service.model import Decision
 from authz_service.pipeline import Pipeline
@@ -109,6 +111,14 @@ def build_server(
         (AUTHORIZATION_SERVICE, HEALTH_SERVICE, ACCESS_LOG_SERVICE, reflection.SERVICE_NAME),
         generic_only,
     )
+    return server
+
+
+def build_admin_server(servicer: AdminServicer) -> grpc.aio.Server:
+    """The admin API's own server, on its own (private) address, with reflection for grpcurl."""
+    server = grpc.aio.server()
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), server)
     return server
 
 

@@ -43,6 +43,8 @@ DECISION_FIELDS = frozenset(
         "key_id",
         "resolution",
         "registry_ms",
+        "rule",
+        "dry_run_rule",
     }
 )
 
@@ -290,7 +292,9 @@ class _DecisionRecord(logging.LogRecord):
             f'"latency_ms": {round(self._elapsed * 1000, 3)!r}, '
             f'"key_id": {_json_text(trace.key_id)}, '
             f'"resolution": {_json_text(trace.resolution)}, '
-            f'"registry_ms": {_json_number(trace.registry_seconds)}}}'
+            f'"registry_ms": {_json_number(trace.registry_seconds)}, '
+            f'"rule": {_json_text(decision.rule)}, '
+            f'"dry_run_rule": {_json_text(decision.dry_run_rule)}}}'
         )
 
     @property
@@ -311,6 +315,8 @@ class _DecisionRecord(logging.LogRecord):
             "registry_ms": None
             if self._trace.registry_seconds is None
             else round(self._trace.registry_seconds * 1000, 3),
+            "rule": decision.rule,
+            "dry_run_rule": decision.dry_run_rule,
         }
 
 

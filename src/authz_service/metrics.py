@@ -103,6 +103,7 @@ class Metrics:
         self._checks: dict[tuple[str, str, str], int] = {}
         self._check_seconds = Histogram(CHECK_BUCKETS)
         self._request_bytes: dict[str, int] = {}
+        self._dry_run_denials: dict[tuple[str, str], int] = {}
         self.registry_call_seconds = Histogram(CHECK_BUCKETS)
         self._upstream: dict[tuple[str, str], int] = {}
         self._upstream_request_bytes: dict[str, int] = {}
@@ -124,6 +125,13 @@ class Metrics:
             "reports them in the CheckRequest, by client.",
             ("client_id",),
             lambda: self._request_bytes,
+        )
+        self.counters(
+            "authz_policy_dry_run_denials",
+            "Requests allowed only because the rule that would have denied them is in dry-run, "
+            "by rule and client.",
+            ("rule", "client_id"),
+            lambda: self._dry_run_denials,
         )
         self.histogram(
             "authz_registry_call_duration_seconds",
@@ -158,6 +166,9 @@ class Metrics:
         self._check_seconds.observe(elapsed)
         if request_bytes > 0:
             self._request_bytes[label] = self._request_bytes.get(label, 0) + request_bytes
+        if decision.dry_run_rule is not None:  # rule ids come from the policy, a bounded set
+            rule_key = (decision.dry_run_rule, label)
+            self._dry_run_denials[rule_key] = self._dry_run_denials.get(rule_key, 0) + 1
 
     def upstream(
         self, client_id: str | None, status: int, request_bytes: int, response_bytes: int

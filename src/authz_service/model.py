@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from authz_service.reasons import Reason
 
+Route = tuple[tuple[str, str], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -18,6 +20,7 @@ class Request:
     path: str = ""  # without query string or fragment
     request_id: str = ""
     size: int = 0  # request body bytes, when Envoy reports them
+    route: Route = ()  # the route's own requirements (Envoy's context_extensions), sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class Trace:
     key_id: str | None = None  # a non-secret fingerprint of the key (start of its SHA-256)
     resolution: str | None = None  # "memory" or "registry"
     registry_seconds: float | None = None
+    policy_path: str | None = None  # the normalised path the policy rules compared
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +62,22 @@ class Decision:
 
     allowed: bool
     reason: Reason
-    client: Client | None = None
+    client: Client | None = None  # on a deny too, when the client is known (a 403)
+    rule: str | None = None  # the policy rule that decided, if one did
+    dry_run_rule: str | None = None  # a dry-run rule that would have denied this allow
 
     @classmethod
-    def allow(cls, client: Client | None, reason: Reason = Reason.ALLOWED) -> Decision:
-        return cls(allowed=True, reason=reason, client=client)
+    def allow(
+        cls,
+        client: Client | None,
+        reason: Reason = Reason.ALLOWED,
+        rule: str | None = None,
+        dry_run_rule: str | None = None,
+    ) -> Decision:
+        return cls(True, reason, client, rule, dry_run_rule)
 
     @classmethod
-    def deny(cls, reason: Reason) -> Decision:
-        return cls(allowed=False, reason=reason)
+    def deny(
+        cls, reason: Reason, client: Client | None = None, rule: str | None = None
+    ) -> Decision:
+        return cls(False, reason, client, rule)

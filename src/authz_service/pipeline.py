@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from authz_service import credentials, logs
 from authz_service.credentials import CredentialRules
 from authz_service.metrics import Metrics
-from authz_service.model import Decision, Request, Trace
+from authz_service.model import Client, Decision, Request, Trace
+from authz_service.policy import NO_POLICY, Policy
 from authz_service.reasons import Reason
 from authz_service.registry import Registry, RegistryError
 
@@ -35,10 +37,16 @@ class PipelineSettings:
 
 class Pipeline:
     def __init__(
-        self, registry: Registry, settings: PipelineSettings, metrics: Metrics | None = None
+        self,
+        registry: Registry,
+        settings: PipelineSettings,
+        metrics: Metrics | None = None,
+        policy: Callable[[], Policy] = lambda: NO_POLICY,
     ) -> None:
+        """``policy`` returns the access policy in force (the policy file reloads)."""
         self._registry = registry
         self._metrics = metrics
+        self._policy = policy
         self._rules = settings.credential_rules
         self._timeout = settings.check_timeout
         self._max_in_flight = settings.max_in_flight
@@ -81,6 +89,26 @@ class Pipeline:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    async def explain(
+        self, request: Request, client: Client | None = None
+    ) -> tuple[Decision, Trace]:
+        """Decide as ``check`` would, and say how, without logging or counting a decision.
+        With ``client``, the credential and resolution steps are skipped for that client."""
+        trace = Trace()
+        if client is not None:
+            return self._authorize(request, client, trace), trace
+        try:
+            decision = await self._decide(request, self._timeout, trace)
+        except TimeoutError:
+            decision = Decision.deny(Reason.DEADLINE_EXCEEDED)
+        except RegistryError as exc:
+            decision = Decision.deny(exc.reason)
+        return decision, trace
+
     def _record(self, request: Request, decision: Decision, elapsed: float, trace: Trace) -> None:
         logs.decision(request, decision, elapsed, trace)
         if self._metrics is not None:
@@ -110,7 +138,12 @@ class Pipeline:
                 trace.registry_seconds = time.perf_counter() - asked
         if isinstance(client, Reason):
             return Decision.deny(client)
+        return self._authorize(request, client, trace)
 
-        # 3. Authorization: per-client access policy (RBAC) is not built yet, so every
-        #    identified client is allowed. It will sit here, between resolution and the answer.
-        return Decision.allow(client)
+    def _authorize(self, request: Request, client: Client, trace: Trace) -> Decision:
+        # 3. Authorization: the policy file's rules and the route's own requirements.
+        verdict = self._policy().evaluate(request, client)
+        trace.policy_path = verdict.path
+        if verdict.allowed:
+            return Decision.allow(client, Reason.ALLOWED, verdict.rule, verdict.dry_run_rule)
+        return Decision.deny(verdict.reason, client, verdict.rule)

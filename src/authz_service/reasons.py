@@ -21,6 +21,9 @@ class Reason(StrEnum):
     KEY_EXPIRED = "key_expired"
     KEY_REVOKED = "key_revoked"
     CLIENT_SUSPENDED = "client_suspended"
+    FORBIDDEN = "forbidden"
+    AMBIGUOUS_PATH = "ambiguous_path"
+    INVALID_ROUTE_POLICY = "invalid_route_policy"
     NON_HTTP_REQUEST = "non_http_request"
     OVERLOADED = "overloaded"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
@@ -39,6 +42,7 @@ class Status:
 
 
 OK = Status(http=200, rpc_code=0, error="")
+BAD_REQUEST = Status(http=400, rpc_code=3, error="bad_request")  # INVALID_ARGUMENT
 UNAUTHORIZED = Status(http=401, rpc_code=16, error="unauthorized")  # UNAUTHENTICATED
 FORBIDDEN = Status(http=403, rpc_code=7, error="forbidden")  # PERMISSION_DENIED
 UNAVAILABLE = Status(http=503, rpc_code=14, error="unavailable")  # UNAVAILABLE
@@ -67,6 +71,15 @@ OUTCOMES: dict[Reason, Outcome] = {
     Reason.KEY_EXPIRED: Outcome(UNAUTHORIZED, "The API key has expired."),
     Reason.KEY_REVOKED: Outcome(UNAUTHORIZED, "The API key has been revoked."),
     Reason.CLIENT_SUSPENDED: Outcome(FORBIDDEN, "The client is suspended."),
+    Reason.FORBIDDEN: Outcome(FORBIDDEN, "This client may not make this request."),
+    Reason.AMBIGUOUS_PATH: Outcome(
+        BAD_REQUEST,
+        "The request path is ambiguous (an encoded slash or backslash, a backslash, a path "
+        "parameter or a malformed escape).",
+    ),
+    Reason.INVALID_ROUTE_POLICY: Outcome(
+        FORBIDDEN, "This route's access requirements are invalid; no request can be allowed."
+    ),
     Reason.NON_HTTP_REQUEST: Outcome(FORBIDDEN, "Only HTTP requests can be authorized by API key."),
     Reason.OVERLOADED: Outcome(
         UNAVAILABLE, "Too many authorization checks are in progress; retry later."

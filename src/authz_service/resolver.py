@@ -142,17 +142,31 @@ class CachingResolver:
         # shield: a check that gives up (its deadline) must not cancel the call for the others
         return await asyncio.shield(task)
 
+    def find_client(self, client_id: str) -> Client | None:
+        cached = (v for v in self._cache.values() if isinstance(v, Client))
+        found = next((c for c in cached if c.client_id == client_id), None)
+        return found or self._backend.find_client(client_id)
+
     def apply_change(self, change: Mapping[str, Any]) -> None:
         """Evict what a registry change makes stale: the key, and every key of its client."""
-        key_hash = str(change.get("key_hash"))
-        self._cache.pop(key_hash)
-        if self._shared is not None:  # every replica gets the event; deleting twice is harmless
-            self._in_background(self._shared.delete(key_hash))
         client_id = change.get("client_id")
         if client_id is None and isinstance(change.get("entry"), dict):
             client_id = change["entry"].get("client", {}).get("client_id")
+        self.evict(str(change.get("key_hash")), None if client_id is None else str(client_id))
+
+    def evict(self, key_hash: str | None, client_id: str | None) -> int:
+        """Forget a key's answer and every cached key of a client; return the entries dropped
+        from this process (shared entries of the key are deleted too)."""
+        dropped = 0
+        if key_hash is not None:
+            dropped += self._cache.pop(key_hash) is not None
+            if self._shared is not None:  # every replica gets the event; deleting twice is fine
+                self._in_background(self._shared.delete(key_hash))
         if client_id is not None:
-            self._cache.pop_where(lambda v: isinstance(v, Client) and v.client_id == client_id)
+            dropped += self._cache.pop_where(
+                lambda v: isinstance(v, Client) and v.client_id == client_id
+            )
+        return dropped
 
     def clear(self) -> None:
         """Forget everything (for instance after missing changes)."""

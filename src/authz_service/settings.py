@@ -17,7 +17,9 @@ from authz_service.config import setting as _setting
 
 ENV_PREFIX = "AUTHZ_"
 _HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_RESERVED_HEADERS = frozenset({"authorization", "host", "content-length", "x-ext-authz-reason"})
+_RESERVED_HEADERS = frozenset(
+    {"authorization", "host", "content-length", "x-ext-authz-reason", "x-ext-authz-rule"}
+)
 
 
 def _header_name(value: str) -> str | None:
@@ -54,6 +56,12 @@ class Settings:
         "0.0.0.0:9090",
         "HTTP listen address for /healthz and /readyz: host:port",
         address(unix_ok=False),
+    )
+    admin_address: str = _setting(
+        "127.0.0.1:9002",
+        "gRPC listen address of the admin API (Explain, Invalidate; with reflection): "
+        "host:port or unix:/path; keep it private (empty: off)",
+        lambda value: address(unix_ok=True)(value) if value else None,
     )
     registry: Literal["static", "http", "snapshot"] = _setting(
         "static",
@@ -150,6 +158,16 @@ class Settings:
     keys_reload_interval: float = _setting(
         2.0,
         "seconds between checks of the keys file for changes (0: never reload)",
+        between(0, 3600),
+    )
+    policy_file: str = _setting(
+        "",
+        "YAML access-policy file: rules by host, method and path, allowing by role or client "
+        "(empty: none; every identified client is allowed, subject to its route's requirements)",
+    )
+    policy_reload_interval: float = _setting(
+        2.0,
+        "seconds between checks of the policy file for changes (0: never reload)",
         between(0, 3600),
     )
     check_timeout: float = _setting(

@@ -138,10 +138,15 @@ class Service:
     http_port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    admin_port: int = 0
 
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def admin_target(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
 
     def logs(self) -> str:
         return self.log_path.read_text()
@@ -163,10 +168,12 @@ def authz_service(
     """Start `python -m authz_service serve` (on free ports unless given); yield once /readyz
     says ready. ``settings`` are AUTHZ_ settings by name."""
     grpc_port, http_port = grpc_port or free_port(), http_port or free_port()
+    admin_port = free_port()
     env = {
         **os.environ,
         "AUTHZ_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
         "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
+        "AUTHZ_ADMIN_ADDRESS": f"127.0.0.1:{admin_port}",
         **({"AUTHZ_KEYS_FILE": str(keys_file)} if keys_file else {}),
         **{f"AUTHZ_{name.upper()}": value for name, value in settings.items()},
     }
@@ -178,7 +185,7 @@ def authz_service(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    service = Service(grpc_port, http_port, process, log_path)
+    service = Service(grpc_port, http_port, process, log_path, admin_port)
     try:
         wait_until(
             lambda: process.poll() is None and send(http_port, "/readyz").status == 200,

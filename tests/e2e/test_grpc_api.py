@@ -116,6 +116,7 @@ def settings(**overrides: Any) -> Settings:
     return Settings(
         grpc_address=f"127.0.0.1:{harness.free_port()}",
         http_address=f"127.0.0.1:{harness.free_port()}",
+        admin_address="",
         keys_file=Path("unused"),
         **overrides,
     )

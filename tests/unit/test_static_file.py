@@ -155,7 +155,7 @@ class TestReload:
         registry = await started(path, interval=0.02)
         try:
             path.write_text(document(entry(sha256=apikeys.hash_key("second"))))
-            await wait_for(lambda: registry._records.get(apikeys.hash_key("second")))
+            await wait_for(lambda: isinstance(registry.lookup_now(credential("second")), Client))
             assert await registry.lookup(credential("first")) == Reason.UNKNOWN_KEY
         finally:
             await registry.close()
@@ -175,7 +175,7 @@ class TestReload:
             assert caplog.text.count("keeping the last good version") == 1
             assert await registry.lookup(credential("first")) == Client("c-1", "One")
             path.write_text(document(entry(sha256=apikeys.hash_key("fixed"))))
-            await wait_for(lambda: registry._records.get(apikeys.hash_key("fixed")))
+            await wait_for(lambda: isinstance(registry.lookup_now(credential("fixed")), Client))
         finally:
             await registry.close()
 

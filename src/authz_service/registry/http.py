@@ -88,6 +88,9 @@ class HttpRegistry:
     def lookup_now(self, credential: Credential) -> None:
         return None  # every answer comes from the registry
 
+    def find_client(self, client_id: str) -> None:
+        return None  # the verification API resolves keys, not client ids
+
     async def lookup(self, credential: Credential) -> Client | Reason:
         if self._slots.locked():
             self.outcomes["busy"] += 1

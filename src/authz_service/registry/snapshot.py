@@ -81,6 +81,9 @@ class SnapshotRegistry:
     async def lookup(self, credential: Credential) -> Client | Reason:
         return self.lookup_now(credential)
 
+    def find_client(self, client_id: str) -> Client | None:
+        return next((c for c, _ in self._keys.values() if c.client_id == client_id), None)
+
     def apply_change(self, change: Mapping[str, Any]) -> None:
         version = int(change["version"])
         if self.version is not None and version <= self.version:

@@ -6,14 +6,12 @@ invalid file later is logged and the last good version keeps serving.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +22,7 @@ import yaml
 from authz_service import apikeys
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
-
-log = logging.getLogger(__name__)
+from authz_service.watched_file import WatchedFile
 
 FORMAT_VERSION = 1
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -181,7 +178,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 class StaticFileRegistry:
-    """Serves lookups from memory; a background task polls the file and reloads on change."""
+    """Serves lookups from memory; the file is polled and reloaded when it changes."""
 
     def __init__(
         self,
@@ -189,12 +186,9 @@ class StaticFileRegistry:
         reload_interval: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._path = path
-        self._reload_interval = reload_interval
+        self._file = WatchedFile(path, parse, reload_interval, "keys_file", len)
+        self._file.value = {}
         self._clock = clock
-        self._records: Mapping[str, KeyRecord] = {}
-        self._signature: tuple[int, int, int] | None = None
-        self._watcher: asyncio.Task[None] | None = None
         self._ready = False
 
     @property
@@ -204,28 +198,23 @@ class StaticFileRegistry:
     async def start(self) -> None:
         """Load the file (any error is fatal here) and start watching it."""
         try:
-            signature = self._stat()
+            self._file.load()
         except FileNotFoundError:
             raise KeysFileError(
-                f"{self._path}: keys file not found (setting AUTHZ_KEYS_FILE); create one with "
-                "'authz-service keys add --client-id ID --client-name NAME'"
+                f"{self._file.path}: keys file not found (setting AUTHZ_KEYS_FILE); create one "
+                "with 'authz-service keys add --client-id ID --client-name NAME'"
             ) from None
-        self._load(signature)
         self._ready = True
-        if self._reload_interval > 0:
-            self._watcher = asyncio.create_task(self._watch(), name="keys-file-watcher")
+        self._file.watch()
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await self._file.close()
 
     async def lookup(self, credential: Credential) -> Client | Reason:
         return self.lookup_now(credential)
 
     def lookup_now(self, credential: Credential) -> Client | Reason:
-        record = self._records.get(credential.key_hash)
+        record = self._file.value.get(credential.key_hash)
         if record is None:
             return Reason.UNKNOWN_KEY
         if not record.enabled:
@@ -234,44 +223,7 @@ class StaticFileRegistry:
             return Reason.KEY_EXPIRED
         return record.client
 
-    def _stat(self) -> tuple[int, int, int]:
-        # stat() follows symlinks, so a Kubernetes ConfigMap/Secret swap is seen as a change.
-        st = self._path.stat()
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _load(self, signature: tuple[int, int, int]) -> None:
-        self._records = parse(self._path.read_text(), str(self._path))
-        self._signature = signature
-        log.info(
-            "keys file loaded",
-            extra={
-                "fields": {
-                    "event": "keys_file_loaded",
-                    "path": str(self._path),
-                    "keys": len(self._records),
-                }
-            },
+    def find_client(self, client_id: str) -> Client | None:
+        return next(
+            (r.client for r in self._file.value.values() if r.client.client_id == client_id), None
         )
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._reload_interval)
-            try:
-                signature = await asyncio.to_thread(self._stat)
-                if signature != self._signature:
-                    await asyncio.to_thread(self._load, signature)
-            except (OSError, KeysFileError) as exc:
-                # Remember the bad version so the error is logged once, not every poll.
-                with contextlib.suppress(OSError):
-                    self._signature = self._stat()
-                log.error(
-                    "keys file not reloaded; keeping the last good version",
-                    extra={
-                        "fields": {
-                            "event": "keys_file_rejected",
-                            "path": str(self._path),
-                            "error": str(exc),
-                            "keys": len(self._records),
-                        }
-                    },
-                )
