@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
@@ -46,3 +47,12 @@ class FakeRegistry:
         if self.error:
             raise self.error
         return self.answers.get(credential.key_hash, Reason.UNKNOWN_KEY)
+
+
+async def wait_for(condition: Callable[[], object], within: float = 3.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

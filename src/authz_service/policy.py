@@ -416,18 +416,22 @@ def _compile_paths(
             patterns.append(re.escape(path))
         elif kind == "prefix":  # whole segments: /admin covers /admin and /admin/..., not /adminx
             patterns.append("/.*" if path == "/" else re.escape(path) + "(?:/.*)?")
+        elif any("**" in s and s != "**" for s in path.split("/")):
+            raise PolicyError(f"{here}.glob: '**' must be a whole segment, as in /a/**/b")
         else:
             patterns.append(_glob(path))
     return re.compile("|".join(patterns), 0 if case_sensitive else re.IGNORECASE)
 
 
 def _glob(path: str) -> str:
-    """``*`` matches within one segment, ``**`` across segments."""
+    """``*`` matches within one segment; a ``**`` segment matches any number of segments,
+    none included (``/a/**`` matches ``/a`` too, as the trailing slash of ``/a/`` is dropped)."""
     out = []
-    for index, piece in enumerate(path.split("**")):
-        if index:
-            out.append(".*")
-        out.append("[^/]*".join(re.escape(part) for part in piece.split("*")))
+    for segment in path.split("/")[1:]:
+        if segment == "**":
+            out.append("(?:/.*)?")
+        else:
+            out.append("/" + "[^/]*".join(re.escape(part) for part in segment.split("*")))
     return "".join(out)
 
 

@@ -84,6 +84,19 @@ def send(
         conn.close()
 
 
+def grpcurl(target: str, *command: str, data: str | None = None) -> str:
+    """Run the real grpcurl (from its wheel): options, then the address, then the command."""
+    options = ["-d", data] if data is not None else []
+    result = subprocess.run(
+        [tool("grpcurl"), "-plaintext", *options, target, *command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout
+
+
 @dataclass
 class Upstream:
     """An echo server that records the headers of every request it receives."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,8 @@ CHECK = "envoy.service.auth.v3.Authorization/Check"  # grpcurl's spelling
 CHECK_PATH = "/" + CHECK  # gRPC's
 
 
-def grpcurl(service: harness.Service, *command: str, data: str | None = None) -> Any:
-    """Run grpcurl against the service: options, then the address, then the command."""
-    options = ["-d", data] if data is not None else []
-    result = subprocess.run(
-        [harness.tool("grpcurl"), "-plaintext", *options, service.grpc_target, *command],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return result.stdout
+def grpcurl(service: harness.Service, *command: str, data: str | None = None) -> str:
+    return harness.grpcurl(service.grpc_target, *command, data=data)
 
 
 def check_json(authorization: str | None) -> str:

@@ -50,6 +50,13 @@ class TestDecode:
         """Query strings never reach the pipeline or the logs."""
         assert decode(http_check(path=path)).path == expected
 
+    def test_route_requirements_come_from_context_extensions(self) -> None:
+        """ExtAuthzPerRoute's context_extensions, sorted so that equal routes compare equal."""
+        check = http_check()
+        check.attributes.context_extensions.update({"required_roles": "a,b", "rule_id": "r"})
+        assert decode(check).route == (("required_roles", "a,b"), ("rule_id", "r"))
+        assert decode(http_check()).route == ()
+
     def test_a_request_without_authorization_has_none(self) -> None:
         """No header means an empty tuple, not an empty string."""
         assert decode(http_check({})).authorization == ()
@@ -189,6 +196,21 @@ class TestEncodeDeny:
         )
         assert headers["retry-after"] == "7"
         assert "www-authenticate" not in headers
+
+    def test_a_policy_denial_names_its_rule_but_not_the_client(self) -> None:
+        """403 forbidden with the rule in a header and the body; no identity goes out."""
+        response = ENCODER.encode(Decision.deny(Reason.FORBIDDEN, CLIENT, "admin-area"))
+        assert (response.status.code, response.denied_response.status.code) == (7, 403)
+        headers = headers_of(response.denied_response.headers)
+        assert headers["x-ext-authz-reason"] == "forbidden"
+        assert headers["x-ext-authz-rule"] == "admin-area"
+        assert json.loads(response.denied_response.body)["rule"] == "admin-area"
+        assert CLIENT.client_id not in str(response)
+        assert ENCODER.encode(Decision.deny(Reason.FORBIDDEN, CLIENT, "admin-area")) is response
+
+    def test_an_ambiguous_path_is_a_400(self) -> None:
+        response = ENCODER.encode(Decision.deny(Reason.AMBIGUOUS_PATH))
+        assert (response.status.code, response.denied_response.status.code) == (3, 400)
 
     def test_responses_survive_a_round_trip_on_the_wire(self) -> None:
         """What we build serialises and parses back unchanged."""

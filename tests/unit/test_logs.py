@@ -130,12 +130,18 @@ def test_redacting_a_decision_field_still_gives_a_whole_line() -> None:
         stream = io.StringIO()
         handler = BatchingHandler(stream, JsonFormatter(redacted), interval=60)
         handler.handle(
-            _DecisionRecord(request, Decision.allow(Client("c", "C")), 0.001, Trace(key_id="abc"))
+            _DecisionRecord(
+                request,
+                Decision.allow(Client("c", "C"), rule="r-1", dry_run_rule="r-2"),
+                0.001,
+                Trace(key_id="abc"),
+            )
         )
         handler.close()
         lines.append(json.loads(stream.getvalue()))
     direct, redacted_line = lines
     assert direct["path"] == "/secret-path"
+    assert (direct["rule"], direct["dry_run_rule"]) == ("r-1", "r-2")
     assert redacted_line["path"] == "[redacted]"
     assert {k: v for k, v in direct.items() if k not in {"path", "ts"}} == {
         k: v for k, v in redacted_line.items() if k not in {"path", "ts"}

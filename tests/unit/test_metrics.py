@@ -46,6 +46,16 @@ def test_denials_without_a_client_are_labelled_none() -> None:
     )
 
 
+def test_dry_run_denials_are_counted_by_rule_and_client() -> None:
+    """What a dry-run rule would have denied, so that operators can see it before enforcing."""
+    metrics = Metrics()
+    client = Client("c-1", "One")
+    metrics.decision(Decision.allow(client, rule="old", dry_run_rule="new"), 0.001, 0)
+    metrics.decision(Decision.allow(client, rule="old"), 0.001, 0)
+    labels = {"rule": "new", "client_id": "c-1"}
+    assert sample(metrics, "authz_policy_dry_run_denials_total", labels) == 1
+
+
 def entry(
     client_id: str | None = None, header: str | None = None, status: int = 200, body: int = 10
 ) -> HTTPAccessLogEntry:

@@ -11,6 +11,7 @@ from authz_service import apikeys
 from authz_service.credentials import CredentialRules
 from authz_service.model import Client, Decision, Request
 from authz_service.pipeline import Pipeline, PipelineSettings
+from authz_service.policy import NO_POLICY, Policy, parse
 from authz_service.reasons import Reason
 from authz_service.registry import RegistryBusyError, RegistryError
 from tests.fakes import FakeRegistry
@@ -24,6 +25,7 @@ def pipeline(
     timeout: float = 1.0,
     allow_non_http: bool = False,
     max_in_flight: int = 1000,
+    policy: Policy = NO_POLICY,
 ) -> Pipeline:
     return Pipeline(
         registry,
@@ -33,6 +35,7 @@ def pipeline(
             max_in_flight=max_in_flight,
             allow_non_http=allow_non_http,
         ),
+        policy=lambda: policy,
     )
 
 
@@ -161,3 +164,48 @@ async def test_registry_errors_are_denied_with_their_own_reason(
     """An unreachable or saturated registry is a 503 that says so."""
     registry.error = error
     assert await pipeline(registry).check(http((f"ApiKey {KEY}",))) == Decision.deny(reason)
+
+
+class TestAuthorization:
+    """Step 3: the policy decides for identified clients only, and its denial names the client."""
+
+    POLICY = parse(
+        "default: allow\nrules: [{id: admin, paths: [{prefix: /admin}], allow: {roles: [admin]}}]",
+        "p",
+    )
+
+    async def test_a_client_the_policy_refuses_gets_403_forbidden(
+        self, registry: FakeRegistry
+    ) -> None:
+        request = Request(is_http=True, authorization=(f"ApiKey {KEY}",), path="/admin/x")
+        decision = await pipeline(registry, policy=self.POLICY).check(request)
+        assert decision == Decision.deny(Reason.FORBIDDEN, CLIENT, "admin")
+
+    async def test_the_policy_never_sees_an_unidentified_request(
+        self, registry: FakeRegistry
+    ) -> None:
+        request = Request(is_http=True, authorization=("ApiKey azk_unknown",), path="/admin")
+        decision = await pipeline(registry, policy=self.POLICY).check(request)
+        assert decision == Decision.deny(Reason.UNKNOWN_KEY)
+
+    async def test_explain_traces_without_logging_a_decision(
+        self, registry: FakeRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        request = Request(is_http=True, authorization=(f"ApiKey {KEY}",), path="/admin/../admin")
+        with caplog.at_level(logging.INFO, logger="authz_service.decision"):
+            decision, trace = await pipeline(registry, policy=self.POLICY).explain(request)
+        assert decision == Decision.deny(Reason.FORBIDDEN, CLIENT, "admin")
+        assert (trace.key_id, trace.resolution, trace.policy_path) == (
+            apikeys.hash_key(KEY)[:12],
+            "registry",
+            "/admin",
+        )
+        assert not caplog.records
+
+    async def test_explain_for_a_client_skips_the_credential(self, registry: FakeRegistry) -> None:
+        admin = Client("ops", "Ops", ("admin",))
+        decision, trace = await pipeline(registry, policy=self.POLICY).explain(
+            Request(is_http=True, path="/admin"), admin
+        )
+        assert decision == Decision.allow(admin, rule="admin")
+        assert trace.key_id is None

@@ -14,6 +14,7 @@ from authz_service import apikeys
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
 from authz_service.registry.static_file import KeysFileError, StaticFileRegistry, add_key, parse
+from tests.fakes import wait_for
 
 HASH = "a" * 64
 
@@ -137,14 +138,6 @@ class TestLookup:
         path.write_text("keys: [")
         with pytest.raises(KeysFileError, match="not valid YAML"):
             await started(path)
-
-
-async def wait_for(condition: object, within: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 class TestReload:
