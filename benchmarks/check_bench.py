@@ -6,7 +6,8 @@ Each server runs in its own process and gets the same load from a grpc.aio clien
 process: a warm-up, then --checks checks of a realistic CheckRequest. Reported per server:
 checks/s and client-side p50/p99 latency (both depend on the shared 2-core machine), and the
 server's own CPU time per check from /proc (user + system), which is the figure to compare.
-Ours answers on the cache-hit path of the static keys file, with decision logging on.
+Ours answers on the cache-hit path of the static keys file, with decision logging on; once more
+with the sample access policy (examples/policy.yaml), to show what evaluating the rules costs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
 HERE = Path(__file__).resolve().parent
+POLICY = HERE.parent / "examples" / "policy.yaml"
 sys.path.insert(0, str(HERE.parent))
 
 from tests.e2e import harness  # noqa: E402 (after the path is set)
@@ -202,6 +204,8 @@ def main() -> None:
             ("bare aio (tcp)", [python, bare, "aio", "{address}"], "tcp", {}, payload),
             ("ours aio (tcp)", ours, "tcp", {}, payload),
             ("ours http-hit (tcp)", ours, "tcp", http_env, http_payload),
+            # The sample policy; no rule matches the request's path, so every rule is tried.
+            ("ours + policy (tcp)", ours, "tcp", {"AUTHZ_POLICY_FILE": str(POLICY)}, payload),
             ("bare aio (unix)", [python, bare, "aio", "{address}"], "unix", {}, payload),
             ("ours aio (unix)", ours, "unix", {}, payload),
         ]
@@ -241,6 +245,7 @@ def main() -> None:
     for mine, floor in [
         ("ours aio (tcp)", "bare aio (tcp)"),
         ("ours http-hit (tcp)", "bare aio (tcp)"),
+        ("ours + policy (tcp)", "ours aio (tcp)"),
         ("ours aio (unix)", "bare aio (unix)"),
         ("bare aio (tcp)", "bare sync (tcp)"),
     ]:

@@ -24,7 +24,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -151,9 +151,9 @@ class Rule:
         return self.path is None or self.path.fullmatch(path) is not None
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the policy says about one request from one client."""
+class Verdict(NamedTuple):
+    """What the policy says about one request from one client. (A NamedTuple: made on every
+    check, and several times cheaper to build than a frozen dataclass.)"""
 
     allowed: bool
     reason: Reason = Reason.ALLOWED
