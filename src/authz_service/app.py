@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _READINESS_POLL = 0.1  # seconds between readiness checks feeding gRPC health
+LIVENESS_SERVICE = "liveness"  # the gRPC health service name for liveness probes
 
 
 class StartupError(RuntimeError):
@@ -288,6 +289,9 @@ async def _serve(
     # Everything built so far lives as long as the process: move it out of the cyclic GC's
     # reach, so that collections triggered by per-check garbage do not re-scan it every time.
     gc.freeze()
+    # "liveness" is SERVING while the process runs, for liveness probes: unlike readiness, a
+    # registry that is not synced yet must not get the pod restarted.
+    await health_servicer.set(LIVENESS_SERVICE, _SERVING)
     health_task = asyncio.create_task(_follow_readiness(health_servicer, is_ready))
     log.info(
         "serving",

@@ -82,9 +82,9 @@ def test_a_check_without_http_attributes_is_denied_deliberately(service: harness
     assert reply["status"] == {"code": 7, "message": "non_http_request"}
 
 
-@pytest.mark.parametrize("name", ["", "envoy.service.auth.v3.Authorization"])
+@pytest.mark.parametrize("name", ["", "envoy.service.auth.v3.Authorization", "liveness"])
 def test_health_reports_serving(service: harness.Service, name: str) -> None:
-    """Overall and per-service health are SERVING once ready."""
+    """Overall and per-service health are SERVING once ready; "liveness" while running."""
     reply = json.loads(
         grpcurl(service, "grpc.health.v1.Health/Check", data=json.dumps({"service": name}))
     )

@@ -187,6 +187,9 @@ def test_snapshot_mode_is_not_ready_until_the_first_snapshot(tmp_path: Path) -> 
             stub = health_pb2_grpc.HealthStub(channel)
             status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Not ready is not dead: liveness probes must not restart the pod meanwhile.
+            alive = stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=2)
+            assert alive.status == health_pb2.HealthCheckResponse.SERVING
             with harness.registry_process(tmp_path / "registry", port=port):
                 harness.wait_until(
                     lambda: harness.send(http_port, "/readyz").status == 200, 5, "ready"

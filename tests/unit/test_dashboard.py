@@ -15,7 +15,7 @@ from authz_service.registry.http import HttpRegistry
 from authz_service.registry.snapshot import SnapshotRegistry
 from authz_service.resolver import CachingResolver, ResolverSettings
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "authz-service.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "helm/authz-service/files/grafana-dashboard.json"
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
 
