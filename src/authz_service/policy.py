@@ -163,6 +163,8 @@ class Verdict(NamedTuple):
 
 
 ALLOWED = Verdict(allowed=True)
+_DEFAULT_DENIAL = Verdict(allowed=False, reason=Reason.FORBIDDEN, rule=DEFAULT_RULE_ID)
+_DEFAULT_DENIAL_IN_DRY_RUN = Verdict(allowed=True, dry_run_rule=DEFAULT_RULE_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,13 +205,7 @@ class Policy:
     def _by_default(self) -> Verdict:
         if self.default_allow:
             return ALLOWED
-        if self.dry_run:
-            return Verdict(allowed=True, dry_run_rule=DEFAULT_RULE_ID)
-        return self._by_default_denial()
-
-    @staticmethod
-    def _by_default_denial() -> Verdict:
-        return Verdict(allowed=False, reason=Reason.FORBIDDEN, rule=DEFAULT_RULE_ID)
+        return _DEFAULT_DENIAL_IN_DRY_RUN if self.dry_run else _DEFAULT_DENIAL
 
 
 NO_POLICY = Policy()  # without a policy file: every identified client, subject to its route

@@ -232,8 +232,8 @@ def test_invalidate_without_a_cache_says_so(stack: Stack) -> None:
 
 
 def test_invalidate_evicts_a_cached_client(tmp_path: Path) -> None:
-    """With the registry over HTTP, Invalidate drops the cached answers of a client's keys; the
-    next check asks the registry again."""
+    """With the registry over HTTP, roles come from the registry into the policy; Invalidate
+    drops the cached answers of a client's keys, and the next check asks the registry again."""
     with harness.registry_process(tmp_path) as registry:
         client = registry.create_client("Acme", roles=["admin"])
         with harness.authz_service(
@@ -242,11 +242,16 @@ def test_invalidate_evicts_a_cached_client(tmp_path: Path) -> None:
             registry_url=registry.url,
             registry_token=registry.service_token(),
             registry_feed="false",
+            policy_file=str(EXAMPLE_POLICY),
         ) as service:
             key = client["api_key"]
             first = json.loads(
-                harness.grpcurl(service.admin_target, EXPLAIN, data=json.dumps({"key": key}))
+                harness.grpcurl(
+                    service.admin_target, EXPLAIN, data=json.dumps({"key": key, "path": "/admin"})
+                )
             )
+            assert (first["decision"], first["rule"]) == ("allow", "admin-area")
+            assert first["client"]["roles"] == ["admin"]
             cached = json.loads(
                 harness.grpcurl(service.admin_target, EXPLAIN, data=json.dumps({"key": key}))
             )
