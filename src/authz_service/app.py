@@ -248,7 +248,9 @@ async def _serve(
         metrics,
         policy,
     )
-    metrics.gauge("authz_checks_in_flight", "Checks being decided.", lambda: pipeline.in_flight)
+    metrics.gauge(
+        "authz_checks_in_flight", "Checks waiting for the registry.", lambda: pipeline.in_flight
+    )
     encoder = Encoder(
         CodecSettings(
             client_id_header=settings.client_id_header,

@@ -47,12 +47,13 @@ class CodecSettings:
 
 def decode(check: CheckRequest) -> Request:
     """Take from a CheckRequest what the pipeline needs."""
-    route = check.attributes.context_extensions
-    attributes = check.attributes.request
-    if not attributes.HasField("http"):
+    attributes = check.attributes
+    request = attributes.request
+    if not request.HasField("http"):
         # Envoy's network (TCP) ext_authz filter, which Istio also installs, sends no HTTP part.
         return _NON_HTTP
-    http = attributes.http
+    http = request.http
+    route = attributes.context_extensions
     raw_headers = http.header_map.headers
     if raw_headers:
         # encode_raw_headers: repeated headers arrive as separate entries, values as raw bytes.

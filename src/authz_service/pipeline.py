@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from authz_service import credentials, logs
 from authz_service.credentials import CredentialRules
 from authz_service.metrics import Metrics
-from authz_service.model import Client, Decision, Request, Trace
+from authz_service.model import Client, Credential, Decision, Request, Trace
 from authz_service.policy import NO_POLICY, Policy
 from authz_service.reasons import Reason
 from authz_service.registry import Registry, RegistryError
@@ -31,7 +31,7 @@ KEY_ID_LENGTH = 12  # hex characters of the key's SHA-256 that name it in logs (
 class PipelineSettings:
     credential_rules: CredentialRules
     check_timeout: float  # seconds; our own bound, shorter than Envoy's ext_authz timeout
-    max_in_flight: int = 1000  # checks in progress at once; beyond that, deny with 503
+    max_in_flight: int = 1000  # checks waiting for the registry at once; beyond, deny with 503
     allow_non_http: bool = False
 
 
@@ -60,33 +60,21 @@ class Pipeline:
     async def check(self, request: Request, time_remaining: float | None = None) -> Decision:
         """Decide on one request, within our timeout and the caller's remaining time."""
         started = time.perf_counter()
-        budget = self._timeout
-        if time_remaining is not None:
-            budget = min(budget, time_remaining - DEADLINE_MARGIN)
         trace = Trace()
-        # An explicit 503 rather than a gRPC RESOURCE_EXHAUSTED: a gRPC error would leave the
-        # outcome to Envoy's failure_mode_allow.
-        if self._in_flight >= self._max_in_flight:
-            decision = Decision.deny(Reason.OVERLOADED)
-            self._record(request, decision, time.perf_counter() - started, trace)
-            return decision
-        self._in_flight += 1
         try:
-            decision = await self._decide(request, budget, trace)
-        except TimeoutError:
-            decision = Decision.deny(Reason.DEADLINE_EXCEEDED)
-        except RegistryError as exc:
-            decision = Decision.deny(exc.reason)
-        except Exception:
-            log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
-            decision = Decision.deny(Reason.INTERNAL_ERROR)
-        finally:
-            self._in_flight -= 1
+            # A check whose answer is in memory (the keys file, a cache hit, the snapshot)
+            # completes here without waiting; only a registry lookup awaits.
+            decision = self._decide_now(request, trace)
+            if isinstance(decision, Credential):
+                decision = await self._decide_after_lookup(request, decision, time_remaining, trace)
+        except Exception as exc:  # every failure is a deny, never an error
+            decision = _denial(exc)
         self._record(request, decision, time.perf_counter() - started, trace)
         return decision
 
     @property
     def in_flight(self) -> int:
+        """Checks waiting for the registry."""
         return self._in_flight
 
     @property
@@ -102,11 +90,11 @@ class Pipeline:
         if client is not None:
             return self._authorize(request, client, trace), trace
         try:
-            decision = await self._decide(request, self._timeout, trace)
-        except TimeoutError:
-            decision = Decision.deny(Reason.DEADLINE_EXCEEDED)
-        except RegistryError as exc:
-            decision = Decision.deny(exc.reason)
+            decision = self._decide_now(request, trace)
+            if isinstance(decision, Credential):
+                decision = await self._decide_after_lookup(request, decision, None, trace)
+        except Exception as exc:  # as in check
+            decision = _denial(exc)
         return decision, trace
 
     def _record(self, request: Request, decision: Decision, elapsed: float, trace: Trace) -> None:
@@ -114,7 +102,8 @@ class Pipeline:
         if self._metrics is not None:
             self._metrics.decision(decision, elapsed, request.size)
 
-    async def _decide(self, request: Request, budget: float, trace: Trace) -> Decision:
+    def _decide_now(self, request: Request, trace: Trace) -> Decision | Credential:
+        """The decision if it needs no I/O; else the credential the registry must resolve."""
         if not request.is_http:
             return self._non_http
 
@@ -124,18 +113,39 @@ class Pipeline:
             return Decision.deny(credential)
         trace.key_id = credential.key_hash[:KEY_ID_LENGTH]
 
-        # 2. Resolution: the key's client, from memory if possible, else from the registry
-        #    within the deadline (only waiting can overrun it, so only waiting pays for a timer).
+        # 2. Resolution, from memory if the registry can answer without waiting.
         client = self._registry.lookup_now(credential)
-        trace.resolution = "memory"
         if client is None:
-            trace.resolution = "registry"
-            asked = time.perf_counter()
-            try:
-                async with asyncio.timeout(budget):
-                    client = await self._registry.lookup(credential)
-            finally:
-                trace.registry_seconds = time.perf_counter() - asked
+            return credential
+        trace.resolution = "memory"
+        if isinstance(client, Reason):
+            return Decision.deny(client)
+        return self._authorize(request, client, trace)
+
+    async def _decide_after_lookup(
+        self,
+        request: Request,
+        credential: Credential,
+        time_remaining: float | None,
+        trace: Trace,
+    ) -> Decision:
+        """2. Resolution by the registry, within the deadline; then 3. authorization."""
+        # An explicit 503 rather than queueing, or a gRPC RESOURCE_EXHAUSTED that would leave
+        # the outcome to Envoy's failure_mode_allow.
+        if self._in_flight >= self._max_in_flight:
+            return Decision.deny(Reason.OVERLOADED)
+        budget = self._timeout
+        if time_remaining is not None:
+            budget = min(budget, time_remaining - DEADLINE_MARGIN)
+        trace.resolution = "registry"
+        asked = time.perf_counter()
+        self._in_flight += 1
+        try:
+            async with asyncio.timeout(budget):
+                client = await self._registry.lookup(credential)
+        finally:
+            self._in_flight -= 1
+            trace.registry_seconds = time.perf_counter() - asked
         if isinstance(client, Reason):
             return Decision.deny(client)
         return self._authorize(request, client, trace)
@@ -147,3 +157,13 @@ class Pipeline:
         if verdict.allowed:
             return Decision.allow(client, Reason.ALLOWED, verdict.rule, verdict.dry_run_rule)
         return Decision.deny(verdict.reason, client, verdict.rule)
+
+
+def _denial(exc: Exception) -> Decision:
+    """The deny for a failure: its own reason for registry errors, 503 for the rest."""
+    if isinstance(exc, TimeoutError):
+        return Decision.deny(Reason.DEADLINE_EXCEEDED)
+    if isinstance(exc, RegistryError):
+        return Decision.deny(exc.reason)
+    log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
+    return Decision.deny(Reason.INTERNAL_ERROR)

@@ -203,7 +203,8 @@ class Settings:
     )
     max_concurrent_checks: int = _setting(
         1000,
-        "checks in progress at once; beyond that new checks are denied with 503 overloaded",
+        "checks waiting for the registry at once; beyond that, checks that would wait are "
+        "denied with 503 overloaded (answers from memory never wait)",
         between(1, 100_000),
     )
     drain_delay: float = _setting(
