@@ -184,6 +184,7 @@ def main() -> None:
         "AUTHZ_KEYS_FILE": str(keys),
         "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
         "AUTHZ_ADMIN_ADDRESS": "",
+        "AUTHZ_ACCESS_LOG_ADDRESS": "",
         "AUTHZ_LOG_LEVEL": "info",
     }
     python = sys.executable

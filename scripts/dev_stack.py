@@ -66,7 +66,7 @@ def main() -> int:
             )
         )
         config = harness.render_front_proxy(
-            ports["envoy"], ports["envoy_admin"], service.grpc_port, upstream.port
+            ports["envoy"], ports["envoy_admin"], service, upstream.port
         )
         stack.enter_context(harness.envoy(args.workdir, config))
         client = registry.create_client("Demo client", ["reader"])

@@ -94,7 +94,7 @@ def _no_policy() -> Policy:
 
 
 async def _follow_readiness(
-    health_servicer: health.aio.HealthServicer, is_ready: Callable[[], bool]
+    health_servicer: health.HealthServicer, is_ready: Callable[[], bool]
 ) -> None:
     """Keep gRPC health in step with readiness (a snapshot registry is not ready at first)."""
     current = None
@@ -102,7 +102,7 @@ async def _follow_readiness(
         status = _SERVING if is_ready() else _NOT_SERVING
         if status != current:
             for service in ("", grpc_server.AUTHORIZATION_SERVICE):
-                await health_servicer.set(service, status)
+                health_servicer.set(service, status)
             current = status
         await asyncio.sleep(_READINESS_POLL)
 
@@ -260,30 +260,55 @@ async def _serve(
             retry_after_seconds=settings.retry_after,
         )
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.HealthServicer()
     server = grpc_server.build_server(
-        grpc_server.AuthorizationServicer(pipeline, encoder),
+        grpc_server.AuthorizationServicer(pipeline, encoder, asyncio.get_running_loop()),
         health_servicer,
-        grpc_server.AccessLogServicer(metrics, settings.access_log_client_header or None),
+        workers=settings.grpc_workers,
         max_message_bytes=settings.max_message_bytes,
     )
-    admin = grpc_server.build_admin_server(AdminServicer(pipeline))
-    port = _listen(server, settings.grpc_address, "AUTHZ_GRPC_ADDRESS (grpc_address)")
+    # Optional servers on grpc.aio: the access-log streams and the admin API.
+    optional: list[tuple[str, str, grpc.aio.Server]] = []
+    if settings.access_log_address:
+        access_logs = grpc_server.AccessLogServicer(
+            metrics, settings.access_log_client_header or None
+        )
+        optional.append(
+            (
+                settings.access_log_address,
+                "AUTHZ_ACCESS_LOG_ADDRESS (access_log_address)",
+                grpc_server.build_access_log_server(access_logs, settings.max_message_bytes),
+            )
+        )
     if settings.admin_address:
-        _listen(admin, settings.admin_address, "AUTHZ_ADMIN_ADDRESS (admin_address)")
+        optional.append(
+            (
+                settings.admin_address,
+                "AUTHZ_ADMIN_ADDRESS (admin_address)",
+                grpc_server.build_admin_server(AdminServicer(pipeline)),
+            )
+        )
+    port = _listen(server, settings.grpc_address, "AUTHZ_GRPC_ADDRESS (grpc_address)")
+    for address, setting, aio_server in optional:
+        _listen(aio_server, address, setting)
     draining = False
 
     def is_ready() -> bool:
         return registry.ready and not draining
 
-    await server.start()
-    if settings.admin_address:
-        await admin.start()
+    server.start()
+    for _, _, aio_server in optional:
+        await aio_server.start()
+
+    async def stop_servers(grace: float | None) -> None:
+        for _, _, aio_server in optional:
+            await aio_server.stop(None)
+        await asyncio.to_thread(server.stop(grace).wait)
+
     try:
         runner = await http_server.start(settings.http_address, is_ready, metrics.exposition)
     except OSError as exc:
-        await server.stop(None)
-        await admin.stop(None)
+        await stop_servers(None)
         raise StartupError(
             f"AUTHZ_HTTP_ADDRESS (http_address): cannot listen on {settings.http_address}: "
             f"{exc.strerror}"
@@ -293,7 +318,7 @@ async def _serve(
     gc.freeze()
     # "liveness" is SERVING while the process runs, for liveness probes: unlike readiness, a
     # registry that is not synced yet must not get the pod restarted.
-    await health_servicer.set(LIVENESS_SERVICE, _SERVING)
+    health_servicer.set(LIVENESS_SERVICE, _SERVING)
     health_task = asyncio.create_task(_follow_readiness(health_servicer, is_ready))
     log.info(
         "serving",
@@ -324,15 +349,14 @@ async def _serve(
         },
     )
     health_task.cancel()
-    await health_servicer.enter_graceful_shutdown()
+    health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_delay)
-    await admin.stop(None)
-    await server.stop(settings.shutdown_grace)
+    await stop_servers(settings.shutdown_grace)
     await runner.cleanup()
     log.info("stopped", extra={"fields": {"event": "stopped"}})
 
 
-def _listen(server: grpc.aio.Server, address: str, setting: str) -> int:
+def _listen(server: grpc.Server | grpc.aio.Server, address: str, setting: str) -> int:
     try:
         return server.add_insecure_port(address)
     except RuntimeError as exc:

@@ -12,6 +12,7 @@ read only when /metrics is scraped.
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -67,9 +68,7 @@ class ClientLabels:
 
 class Histogram:
     """A histogram kept as plain numbers: ``observe`` is one ``bisect`` and three additions.
-
-    Every observation and every scrape happens on the event loop thread, so no lock is needed.
-    """
+    Not locked itself: its owner serialises observations."""
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self._bounds = buckets
@@ -94,11 +93,13 @@ class Histogram:
 
 
 class Metrics:
-    """The service's metrics. Updated on the event loop thread only (checks, access logs,
-    registry calls), and read there by /metrics: plain numbers, no locks on the hot path."""
+    """The service's metrics: plain numbers behind one lock, read by /metrics on the loop."""
 
     def __init__(self, client_label_cap: int = 1000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Checks are counted on the check server's worker threads, access logs and registry
+        # calls on the event loop: one uncontended lock keeps the counts exact.
+        self._lock = threading.Lock()
         self.clients = ClientLabels(client_label_cap)
         self._checks: dict[tuple[str, str, str], int] = {}
         self._check_seconds = Histogram(CHECK_BUCKETS)
@@ -160,29 +161,31 @@ class Metrics:
 
     def decision(self, decision: Decision, elapsed: float, request_bytes: int) -> None:
         client = decision.client
-        label = self.clients.label(client.client_id if client else None)
-        key = (label, "allow" if decision.allowed else "deny", decision.reason.value)
-        self._checks[key] = self._checks.get(key, 0) + 1
-        self._check_seconds.observe(elapsed)
-        if request_bytes > 0:
-            self._request_bytes[label] = self._request_bytes.get(label, 0) + request_bytes
-        if decision.dry_run_rule is not None:  # rule ids come from the policy, a bounded set
-            rule_key = (decision.dry_run_rule, label)
-            self._dry_run_denials[rule_key] = self._dry_run_denials.get(rule_key, 0) + 1
+        with self._lock:
+            label = self.clients.label(client.client_id if client else None)
+            key = (label, "allow" if decision.allowed else "deny", decision.reason.value)
+            self._checks[key] = self._checks.get(key, 0) + 1
+            self._check_seconds.observe(elapsed)
+            if request_bytes > 0:
+                self._request_bytes[label] = self._request_bytes.get(label, 0) + request_bytes
+            if decision.dry_run_rule is not None:  # rule ids come from the policy: bounded
+                rule_key = (decision.dry_run_rule, label)
+                self._dry_run_denials[rule_key] = self._dry_run_denials.get(rule_key, 0) + 1
 
     def upstream(
         self, client_id: str | None, status: int, request_bytes: int, response_bytes: int
     ) -> None:
-        label = self.clients.label(client_id)
         status_class = f"{status // 100}xx" if 100 <= status < 600 else "unknown"
-        key = (label, status_class)
-        self._upstream[key] = self._upstream.get(key, 0) + 1
-        self._upstream_request_bytes[label] = (
-            self._upstream_request_bytes.get(label, 0) + request_bytes
-        )
-        self._upstream_response_bytes[label] = (
-            self._upstream_response_bytes.get(label, 0) + response_bytes
-        )
+        with self._lock:
+            label = self.clients.label(client_id)
+            key = (label, status_class)
+            self._upstream[key] = self._upstream.get(key, 0) + 1
+            self._upstream_request_bytes[label] = (
+                self._upstream_request_bytes.get(label, 0) + request_bytes
+            )
+            self._upstream_response_bytes[label] = (
+                self._upstream_response_bytes.get(label, 0) + response_bytes
+            )
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float | None]) -> None:
         """A gauge read at scrape time (absent while ``read`` returns None)."""

@@ -2,6 +2,10 @@
 
 This is the only place that turns failures into decisions: whatever goes wrong below, the caller
 gets a deny, never an exception that would leave the outcome to Envoy's ``failure_mode_allow``.
+
+``check_now`` runs on the check server's worker threads and decides whatever needs no I/O;
+``check`` runs on the event loop and may await the registry. Everything a worker thread touches
+(the registry's in-memory answers, the policy, metrics, logs) is safe to use from any thread.
 """
 
 from __future__ import annotations
@@ -71,6 +75,25 @@ class Pipeline:
             decision = _denial(exc)
         self._record(request, decision, time.perf_counter() - started, trace)
         return decision
+
+    def check_now(self, request: Request) -> Decision | None:
+        """Decide without waiting, from any thread: the decision (logged and counted, as by
+        ``check``), or None when the registry must be asked; then await ``check`` on the event
+        loop."""
+        started = time.perf_counter()
+        trace = Trace()
+        try:
+            decision = self._decide_now(request, trace)
+        except Exception as exc:  # as in check
+            decision = _denial(exc)
+        if isinstance(decision, Credential):
+            return None
+        self._record(request, decision, time.perf_counter() - started, trace)
+        return decision
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
 
     @property
     def in_flight(self) -> int:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -87,8 +88,12 @@ class CachingResolver:
         self._cold = TokenBucket(
             settings.cold_lookups_per_second, settings.cold_lookup_burst, clock
         )
-        # Read by /metrics at scrape time; plain integers cost the hot path nothing to speak of.
+        # Read by /metrics at scrape time. Counted under a lock: lookup_now runs on the check
+        # server's worker threads.
         self.lookups = {"hit": 0, "negative_hit": 0, "miss": 0, "stale_served": 0}
+        self._count_lock = threading.Lock()
+        # Where registry calls run; known once the first one is made (before any entry exists).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def ready(self) -> bool:
@@ -117,21 +122,26 @@ class CachingResolver:
         return self._cache.evictions
 
     def lookup_now(self, credential: Credential) -> Answer | None:
+        """The cached answer, if fresh; from any thread."""
         entry = self._cache.get(credential.key_hash)
-        if entry is None:
-            self.lookups["miss"] += 1
-            return None
         now = self._clock()
-        if now >= entry.fresh_until:
-            self.lookups["miss"] += 1
+        if entry is None or now >= entry.fresh_until:
+            self._count("miss")
             return None
-        self.lookups["hit" if isinstance(entry.value, Client) else "negative_hit"] += 1
+        positive = isinstance(entry.value, Client)
+        self._count("hit" if positive else "negative_hit")
         refresh_at = entry.stored_at + (entry.fresh_until - entry.stored_at) * (
             self._settings.refresh_ahead
         )
-        if isinstance(entry.value, Client) and now >= refresh_at:
-            self._fetch(credential)  # stale-while-revalidate: this check uses the fresh entry
+        if positive and now >= refresh_at and self._loop is not None:
+            # Stale-while-revalidate: this check uses the fresh entry; the refresh runs on the
+            # event loop (this may be a worker thread).
+            self._loop.call_soon_threadsafe(self._fetch, credential)
         return entry.value
+
+    def _count(self, result: str) -> None:
+        with self._count_lock:
+            self.lookups[result] += 1
 
     async def lookup(self, credential: Credential) -> Answer:
         task = self._inflight.get(credential.key_hash)
@@ -173,9 +183,11 @@ class CachingResolver:
         self._cache.pop_where(lambda _: True)
 
     def _fetch(self, credential: Credential) -> asyncio.Task[Answer]:
+        """Start (or join) the registry call for a key; on the event loop only."""
         task = self._inflight.get(credential.key_hash)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._call(credential))
+            self._loop = asyncio.get_running_loop()
+            task = self._loop.create_task(self._call(credential))
             self._inflight[credential.key_hash] = task
             task.add_done_callback(_retrieve_exception)
         return task
@@ -197,7 +209,7 @@ class CachingResolver:
                 and isinstance(entry.value, Client)
                 and (self._clock() < entry.stale_until)
             ):
-                self.lookups["stale_served"] += 1
+                self._count("stale_served")
                 return entry.value
             raise
         finally:

@@ -49,13 +49,26 @@ def _realm(value: str) -> str | None:
 class Settings:
     grpc_address: str = _setting(
         "0.0.0.0:9001",
-        "gRPC listen address (ext_authz, health, reflection): host:port or unix:/path",
+        "gRPC listen address of the check server (ext_authz, health, reflection): host:port or "
+        "unix:/path",
         address(unix_ok=True),
     )
     http_address: str = _setting(
         "0.0.0.0:9090",
         "HTTP listen address for /healthz and /readyz: host:port",
         address(unix_ok=False),
+    )
+    grpc_workers: int = _setting(
+        32,
+        "threads of the check server; a check that waits for the registry holds one, checks "
+        "answered from memory hold one for microseconds",
+        between(1, 1024),
+    )
+    access_log_address: str = _setting(
+        "0.0.0.0:9003",
+        "gRPC listen address of Envoy's access-log service (per-client responses and bytes): "
+        "host:port or unix:/path (empty: off)",
+        lambda value: address(unix_ok=True)(value) if value else None,
     )
     admin_address: str = _setting(
         "127.0.0.1:9002",

@@ -58,7 +58,7 @@ def front_proxy(
     tmp_path_factory: pytest.TempPathFactory, service: harness.Service, upstream: harness.Upstream
 ) -> Iterator[harness.Envoy]:
     config = harness.render_front_proxy(
-        harness.free_port(), harness.free_port(), service.grpc_port, upstream.port
+        harness.free_port(), harness.free_port(), service, upstream.port
     )
     with harness.envoy(tmp_path_factory.mktemp("envoy"), config) as running:
         yield running

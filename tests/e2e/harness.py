@@ -152,6 +152,7 @@ class Service:
     process: subprocess.Popen[bytes]
     log_path: Path
     admin_port: int = 0
+    access_log_port: int = 0
 
     @property
     def grpc_target(self) -> str:
@@ -181,12 +182,13 @@ def authz_service(
     """Start `python -m authz_service serve` (on free ports unless given); yield once /readyz
     says ready. ``settings`` are AUTHZ_ settings by name."""
     grpc_port, http_port = grpc_port or free_port(), http_port or free_port()
-    admin_port = free_port()
+    admin_port, access_log_port = free_port(), free_port()
     env = {
         **os.environ,
         "AUTHZ_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
         "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
         "AUTHZ_ADMIN_ADDRESS": f"127.0.0.1:{admin_port}",
+        "AUTHZ_ACCESS_LOG_ADDRESS": f"127.0.0.1:{access_log_port}",
         **({"AUTHZ_KEYS_FILE": str(keys_file)} if keys_file else {}),
         **{f"AUTHZ_{name.upper()}": value for name, value in settings.items()},
     }
@@ -198,7 +200,7 @@ def authz_service(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    service = Service(grpc_port, http_port, process, log_path, admin_port)
+    service = Service(grpc_port, http_port, process, log_path, admin_port, access_log_port)
     try:
         wait_until(
             lambda: process.poll() is None and send(http_port, "/readyz").status == 200,
@@ -281,7 +283,7 @@ def registry_process(
 
 
 def render_front_proxy(
-    listener_port: int, admin_port: int, authz_port: int, upstream_port: int
+    listener_port: int, admin_port: int, service: Service, upstream_port: int
 ) -> dict[str, Any]:
     """The sample front-proxy config, unchanged except for its addresses."""
     config: dict[str, Any] = yaml.safe_load(FRONT_PROXY.read_text())
@@ -289,7 +291,11 @@ def render_front_proxy(
     resources = config["static_resources"]
     (listener,) = resources["listeners"]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listener_port)
-    ports = {"authz": authz_port, "upstream": upstream_port}
+    ports = {
+        "authz": service.grpc_port,
+        "authz_access_log": service.access_log_port,
+        "upstream": upstream_port,
+    }
     for cluster in resources["clusters"]:
         for group in cluster["load_assignment"]["endpoints"]:
             for endpoint in group["lb_endpoints"]:

@@ -58,7 +58,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         harness.echo_upstream() as upstream,
     ):
         config = harness.render_front_proxy(
-            harness.free_port(), harness.free_port(), service.grpc_port, upstream.port
+            harness.free_port(), harness.free_port(), service, upstream.port
         )
         with harness.envoy(workdir, config) as envoy:
             yield Stack(keys, service, envoy, upstream, policy)

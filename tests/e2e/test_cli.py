@@ -108,6 +108,7 @@ def test_a_missing_keys_file_stops_serve_with_a_hint(tmp_path: Path) -> None:
         AUTHZ_HTTP_ADDRESS="127.0.0.1:0",
         AUTHZ_GRPC_ADDRESS="127.0.0.1:0",
         AUTHZ_ADMIN_ADDRESS="",
+        AUTHZ_ACCESS_LOG_ADDRESS="",
     )
     assert result.returncode == 1
     assert "AUTHZ_KEYS_FILE" in result.stderr

@@ -45,11 +45,15 @@ def check_json(authorization: str | None) -> str:
 
 
 def test_reflection_lists_every_service(service: harness.Service) -> None:
-    """`grpcurl list` works without any .proto file."""
+    """`grpcurl list` works without any .proto file, on the check port and the access-log port."""
     assert grpcurl(service, "list").split() == [
-        "envoy.service.accesslog.v3.AccessLogService",
         "envoy.service.auth.v3.Authorization",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+    access_log_target = f"127.0.0.1:{service.access_log_port}"
+    assert harness.grpcurl(access_log_target, "list").split() == [
+        "envoy.service.accesslog.v3.AccessLogService",
         "grpc.reflection.v1alpha.ServerReflection",
     ]
 
@@ -107,6 +111,7 @@ def settings(**overrides: Any) -> Settings:
         grpc_address=f"127.0.0.1:{harness.free_port()}",
         http_address=f"127.0.0.1:{harness.free_port()}",
         admin_address="",
+        access_log_address="",
         keys_file=Path("unused"),
         **overrides,
     )

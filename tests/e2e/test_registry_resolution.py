@@ -169,6 +169,7 @@ def test_snapshot_mode_is_not_ready_until_the_first_snapshot(tmp_path: Path) -> 
         "AUTHZ_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
         "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
         "AUTHZ_ADMIN_ADDRESS": "",
+        "AUTHZ_ACCESS_LOG_ADDRESS": "",
     }
     (tmp_path / "registry").mkdir()
     with harness.registry_process(tmp_path / "registry", port=port) as registry:

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.e2e
 SIDECAR = harness.ROOT / "envoy" / "sidecar.yaml"
 
 
-def render_sidecar(listener: int, admin: int, socket: Path, app: int) -> dict[str, Any]:
+def render_sidecar(
+    listener: int, admin: int, socket: Path, app: int, access_log_socket: Path
+) -> dict[str, Any]:
     """The sample, unchanged except for its addresses."""
     config: dict[str, Any] = yaml.safe_load(SIDECAR.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
@@ -29,6 +31,8 @@ def render_sidecar(listener: int, admin: int, socket: Path, app: int) -> dict[st
         ]
         if cluster["name"] == "authz":
             address["pipe"]["path"] = str(socket)
+        elif cluster["name"] == "authz_access_log":
+            address["pipe"]["path"] = str(access_log_socket)
         else:
             address["socket_address"]["port_value"] = app
     return config
@@ -38,9 +42,16 @@ def test_the_sidecar_checks_over_a_unix_socket(
     tmp_path: Path, keys: Keys, upstream: harness.Upstream
 ) -> None:
     """A valid key reaches the app with its identity; no key is 401; /healthz bypasses."""
-    socket = tmp_path / "authz.sock"
-    with harness.authz_service(tmp_path, keys.path, grpc_address=f"unix:{socket}"):
-        config = render_sidecar(harness.free_port(), harness.free_port(), socket, upstream.port)
+    socket, access_log_socket = tmp_path / "authz.sock", tmp_path / "access-log.sock"
+    with harness.authz_service(
+        tmp_path,
+        keys.path,
+        grpc_address=f"unix:{socket}",
+        access_log_address=f"unix:{access_log_socket}",
+    ):
+        config = render_sidecar(
+            harness.free_port(), harness.free_port(), socket, upstream.port, access_log_socket
+        )
         with harness.envoy(tmp_path, config) as proxy:
             reply = harness.send(proxy.port, "/", [("Authorization", f"ApiKey {keys.acme}")])
             assert reply.status == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from hypothesis import given, settings
@@ -19,16 +20,16 @@ class Context:
         return 1.0
 
 
-SERVICER = AuthorizationServicer(
-    Pipeline(FakeRegistry({}), PipelineSettings(CredentialRules(), check_timeout=1.0)),
-    Encoder(CodecSettings()),
-)
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 async def test_arbitrary_request_bytes_get_a_denial_and_never_an_error(raw: bytes) -> None:
-    """Garbage, truncated or random protobuf bytes are denied; nothing raises."""
+    """Garbage, truncated or random protobuf bytes are denied; nothing raises. The handler runs
+    on a worker thread, as on the check server, with the event loop behind it."""
+    servicer = AuthorizationServicer(
+        Pipeline(FakeRegistry({}), PipelineSettings(CredentialRules(), check_timeout=1.0)),
+        Encoder(CodecSettings()),
+        asyncio.get_running_loop(),
+    )
     context: Any = Context()
-    response = await SERVICER.check(raw, context)
+    response = await asyncio.to_thread(servicer.check, raw, context)
     assert response.status.code != 0
