@@ -45,8 +45,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 # A numeric, non-root user, so that Kubernetes can verify runAsNonRoot.
 USER 10001:10001
 WORKDIR /tmp
-# 9001: gRPC (ext_authz, access logs, health, reflection); 9090: /healthz, /readyz, /metrics;
-# 8081: client-registry HTTP API.
-EXPOSE 9001 9090 8081
+# 9001: gRPC (ext_authz, health, reflection); 9003: gRPC (Envoy's access-log service);
+# 9090: /healthz, /readyz, /metrics; 8081: client-registry HTTP API.
+EXPOSE 9001 9003 9090 8081
 ENTRYPOINT []
 CMD ["authz-service", "serve"]

@@ -203,12 +203,12 @@ def main() -> None:
         runs = [
             ("bare sync (tcp)", [python, bare, "sync", "{address}"], "tcp", {}, payload),
             ("bare aio (tcp)", [python, bare, "aio", "{address}"], "tcp", {}, payload),
-            ("ours aio (tcp)", ours, "tcp", {}, payload),
+            ("ours (tcp)", ours, "tcp", {}, payload),
             ("ours http-hit (tcp)", ours, "tcp", http_env, http_payload),
             # The sample policy; no rule matches the request's path, so every rule is tried.
             ("ours + policy (tcp)", ours, "tcp", {"AUTHZ_POLICY_FILE": str(POLICY)}, payload),
             ("bare aio (unix)", [python, bare, "aio", "{address}"], "unix", {}, payload),
-            ("ours aio (unix)", ours, "unix", {}, payload),
+            ("ours (unix)", ours, "unix", {}, payload),
         ]
         rounds: dict[str, list[Result]] = {name: [] for name, *_ in runs}
         for _ in range(args.rounds):  # interleaved: drift on the machine hits every server
@@ -244,10 +244,11 @@ def main() -> None:
             f"{r.cpu_us_per_check:>14.1f}"
         )
     for mine, floor in [
-        ("ours aio (tcp)", "bare aio (tcp)"),
+        ("ours (tcp)", "bare aio (tcp)"),
         ("ours http-hit (tcp)", "bare aio (tcp)"),
-        ("ours + policy (tcp)", "ours aio (tcp)"),
-        ("ours aio (unix)", "bare aio (unix)"),
+        ("ours + policy (tcp)", "ours (tcp)"),
+        ("ours (unix)", "bare aio (unix)"),
+        ("ours (tcp)", "bare sync (tcp)"),
         ("bare aio (tcp)", "bare sync (tcp)"),
     ]:
         ratio = results[mine].cpu_us_per_check / results[floor].cpu_us_per_check

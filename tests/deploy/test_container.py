@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+from authz_service.settings import Settings
+from client_registry.settings import RegistrySettings
 from tests.e2e import harness
 
 pytestmark = pytest.mark.e2e
@@ -43,9 +45,20 @@ def test_every_file_the_dockerfile_copies_exists_and_is_not_docker_ignored() -> 
 
 
 def test_the_image_runs_as_a_numeric_non_root_user_and_exposes_its_ports() -> None:
-    """runAsNonRoot needs a numeric UID; the documented ports are declared."""
+    """runAsNonRoot needs a numeric UID; every default listening port is declared."""
     text = DOCKERFILE.read_text()
     user = re.findall(r"^USER (\d+):(\d+)$", text, flags=re.MULTILINE)
     assert user
     assert int(user[-1][0]) != 0
-    assert re.search(r"^EXPOSE 9001 9090 8081$", text, flags=re.MULTILINE)
+    (exposed,) = re.findall(r"^EXPOSE (.+)$", text, flags=re.MULTILINE)
+    defaults = Settings()
+    listening = {
+        address.rpartition(":")[2]
+        for address in (
+            defaults.grpc_address,
+            defaults.access_log_address,
+            defaults.http_address,
+            RegistrySettings().address,
+        )
+    }
+    assert set(exposed.split()) == listening

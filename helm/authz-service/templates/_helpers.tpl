@@ -119,7 +119,7 @@ Contradictions that the schema cannot express fail the render here, each with th
   {{- fail "serviceMonitor.interval: use seconds or minutes, such as 30s" -}}
 {{- end -}}
 {{- range $name, $_ := $v.settings -}}
-  {{- if has $name (list "AUTHZ_GRPC_ADDRESS" "AUTHZ_HTTP_ADDRESS" "AUTHZ_REGISTRY" "AUTHZ_REGISTRY_URL" "AUTHZ_REGISTRY_TOKEN" "AUTHZ_KEYS_FILE" "AUTHZ_POLICY_FILE" "AUTHZ_REDIS_URL" "AUTHZ_CHECK_TIMEOUT" "AUTHZ_REGISTRY_TIMEOUT" "AUTHZ_DRAIN_DELAY" "AUTHZ_SHUTDOWN_GRACE" "AUTHZ_LOG_LEVEL") -}}
+  {{- if has $name (list "AUTHZ_GRPC_ADDRESS" "AUTHZ_GRPC_WORKERS" "AUTHZ_ACCESS_LOG_ADDRESS" "AUTHZ_HTTP_ADDRESS" "AUTHZ_REGISTRY" "AUTHZ_REGISTRY_URL" "AUTHZ_REGISTRY_TOKEN" "AUTHZ_KEYS_FILE" "AUTHZ_POLICY_FILE" "AUTHZ_REDIS_URL" "AUTHZ_CHECK_TIMEOUT" "AUTHZ_REGISTRY_TIMEOUT" "AUTHZ_DRAIN_DELAY" "AUTHZ_SHUTDOWN_GRACE" "AUTHZ_LOG_LEVEL") -}}
     {{- fail (printf "settings.%s is set by the chart from its own values: use those instead" $name) -}}
   {{- end -}}
 {{- end -}}
