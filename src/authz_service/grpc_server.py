@@ -25,8 +25,8 @@ from authz_service import envoy_codec
 from authz_service.admin.servicer import ADMIN_SERVICE, AdminServicer
 from authz_service.admin.v1 import admin_pb2_grpc
 from authz_service.metrics import Metrics
-from authz_service.model import Decision, Request
-from authz_service.pipeline import Pipeline
+from authz_service.model import Decision
+from authz_service.pipeline import Pending, Pipeline
 from authz_service.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -64,16 +64,16 @@ class AuthorizationServicer:
                 extra={"fields": {"event": "decode_error", "bytes": len(raw)}},
             )
             return self._encoder.encode(Decision.deny(Reason.INTERNAL_ERROR))
-        decision = self._pipeline.check_now(request)
-        if decision is None:
-            decision = self._check_on_loop(request, context.time_remaining())
-        return self._encoder.encode(decision)
+        outcome = self._pipeline.check_now(request)
+        if isinstance(outcome, Pending):
+            outcome = self._finish_on_loop(outcome, context.time_remaining())
+        return self._encoder.encode(outcome)
 
-    def _check_on_loop(self, request: Request, time_remaining: float | None) -> Decision:
-        """Await the pipeline on the event loop. It keeps its own deadline and never raises;
-        the wait here is only a backstop should the loop itself be stuck or closed."""
+    def _finish_on_loop(self, pending: Pending, time_remaining: float | None) -> Decision:
+        """Await the registry on the event loop. The pipeline keeps the check's deadline and
+        never raises; the wait here is only a backstop should the loop be stuck or closed."""
         future = asyncio.run_coroutine_threadsafe(
-            self._pipeline.check(request, time_remaining), self._loop
+            self._pipeline.finish(pending, time_remaining), self._loop
         )
         backstop = self._pipeline.timeout if time_remaining is None else time_remaining
         try:

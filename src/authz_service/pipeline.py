@@ -4,8 +4,9 @@ This is the only place that turns failures into decisions: whatever goes wrong b
 gets a deny, never an exception that would leave the outcome to Envoy's ``failure_mode_allow``.
 
 ``check_now`` runs on the check server's worker threads and decides whatever needs no I/O;
-``check`` runs on the event loop and may await the registry. Everything a worker thread touches
-(the registry's in-memory answers, the policy, metrics, logs) is safe to use from any thread.
+``finish`` runs on the event loop for the checks that must await the registry. Everything a
+worker thread touches (the registry's in-memory answers, the policy, metrics, logs) is safe to
+use from any thread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from authz_service import credentials, logs
 from authz_service.credentials import CredentialRules
@@ -29,6 +31,15 @@ log = logging.getLogger(__name__)
 # Time kept back from the caller's deadline so that our answer reaches Envoy before it gives up.
 DEADLINE_MARGIN = 0.01
 KEY_ID_LENGTH = 12  # hex characters of the key's SHA-256 that name it in logs (not secret)
+
+
+class Pending(NamedTuple):
+    """A check that has to wait for the registry, as ``check_now`` left it."""
+
+    request: Request
+    credential: Credential
+    trace: Trace
+    started: float  # time.perf_counter() when the check began
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,32 +74,37 @@ class Pipeline:
 
     async def check(self, request: Request, time_remaining: float | None = None) -> Decision:
         """Decide on one request, within our timeout and the caller's remaining time."""
+        outcome = self.check_now(request)
+        if isinstance(outcome, Pending):
+            return await self.finish(outcome, time_remaining)
+        return outcome
+
+    def check_now(self, request: Request) -> Decision | Pending:
+        """Decide without waiting, from any thread: the decision (logged and counted), or the
+        check as it stands when the registry must be asked; ``finish`` that on the event loop.
+        A check whose answer is in memory (the keys file, a cache hit, the snapshot) is decided
+        here."""
         started = time.perf_counter()
         trace = Trace()
         try:
-            # A check whose answer is in memory (the keys file, a cache hit, the snapshot)
-            # completes here without waiting; only a registry lookup awaits.
             decision = self._decide_now(request, trace)
-            if isinstance(decision, Credential):
-                decision = await self._decide_after_lookup(request, decision, time_remaining, trace)
         except Exception as exc:  # every failure is a deny, never an error
             decision = _denial(exc)
+        if isinstance(decision, Credential):
+            return Pending(request, decision, trace, started)
         self._record(request, decision, time.perf_counter() - started, trace)
         return decision
 
-    def check_now(self, request: Request) -> Decision | None:
-        """Decide without waiting, from any thread: the decision (logged and counted, as by
-        ``check``), or None when the registry must be asked; then await ``check`` on the event
-        loop."""
-        started = time.perf_counter()
-        trace = Trace()
+    async def finish(self, pending: Pending, time_remaining: float | None = None) -> Decision:
+        """Ask the registry for a pending check, then decide, log and count it."""
         try:
-            decision = self._decide_now(request, trace)
-        except Exception as exc:  # as in check
+            decision = await self._decide_after_lookup(
+                pending.request, pending.credential, time_remaining, pending.trace
+            )
+        except Exception as exc:  # as in check_now
             decision = _denial(exc)
-        if isinstance(decision, Credential):
-            return None
-        self._record(request, decision, time.perf_counter() - started, trace)
+        elapsed = time.perf_counter() - pending.started
+        self._record(pending.request, decision, elapsed, pending.trace)
         return decision
 
     @property

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 
 from authz_service import apikeys
 from authz_service.credentials import CredentialRules
-from authz_service.model import Client, Decision, Request
-from authz_service.pipeline import Pipeline, PipelineSettings
+from authz_service.metrics import Metrics
+from authz_service.model import Client, Credential, Decision, Request
+from authz_service.pipeline import Pending, Pipeline, PipelineSettings
 from authz_service.policy import NO_POLICY, Policy, parse
 from authz_service.reasons import Reason
 from authz_service.registry import RegistryBusyError, RegistryError
@@ -209,3 +211,54 @@ class TestAuthorization:
         )
         assert decision == Decision.allow(admin, rule="admin")
         assert trace.key_id is None
+
+
+class TestFromWorkerThreads:
+    """The check server's worker threads call check_now; only lookups go to the event loop."""
+
+    async def test_an_answer_in_memory_is_decided_without_the_loop(self) -> None:
+        answers: dict[str, Client | Reason] = {apikeys.hash_key(KEY): CLIENT}
+        decided = pipeline(InMemoryRegistry(answers)).check_now(http((f"ApiKey {KEY}",)))
+        assert decided == Decision.allow(CLIENT)
+
+    async def test_a_lookup_is_left_pending_then_finished_once(
+        self, registry: FakeRegistry
+    ) -> None:
+        metrics = Metrics()
+        checks = Pipeline(registry, PipelineSettings(CredentialRules(), check_timeout=1.0), metrics)
+        pending = checks.check_now(http((f"ApiKey {KEY}",)))
+        assert isinstance(pending, Pending)
+        assert registry.lookups == 0
+        assert await checks.finish(pending) == Decision.allow(CLIENT)
+        assert registry.lookups == 1
+        labels = {"client_id": "c-1", "decision": "allow", "reason": "allowed"}
+        assert metrics.registry.get_sample_value("authz_checks_total", labels) == 1
+
+    def test_counts_stay_exact_across_threads(self) -> None:
+        metrics = Metrics()
+        answers: dict[str, Client | Reason] = {apikeys.hash_key(KEY): CLIENT}
+        checks = Pipeline(
+            InMemoryRegistry(answers),
+            PipelineSettings(CredentialRules(), check_timeout=1.0),
+            metrics,
+        )
+        request = http((f"ApiKey {KEY}",))
+
+        def work() -> None:
+            for _ in range(2000):
+                checks.check_now(request)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        labels = {"client_id": "c-1", "decision": "allow", "reason": "allowed"}
+        assert metrics.registry.get_sample_value("authz_checks_total", labels) == 16000
+
+
+class InMemoryRegistry(FakeRegistry):
+    """Answers from memory, as the keys file and a cache hit do."""
+
+    def lookup_now(self, credential: Credential) -> Client | Reason:  # type: ignore[override]
+        return self.answers.get(credential.key_hash, Reason.UNKNOWN_KEY)
