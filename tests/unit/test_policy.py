@@ -3,6 +3,7 @@ validation of policy files."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -423,3 +424,29 @@ def test_a_denied_resource_stays_denied_however_its_path_is_spelled(
 )
 def test_globs_hold_however_the_path_is_spelled(path: str, data: st.DataObject) -> None:
     assert not verdict(_PROTECTED, PLAIN, _respell(path, data)).allowed
+
+
+_SAMPLE = parse(
+    (Path(__file__).parents[2] / "examples" / "policy.yaml").read_text(), "examples/policy.yaml"
+)
+# The same rules with the first-segment index out of play: every rule is tried in order.
+_UNINDEXED = dataclasses.replace(
+    _SAMPLE, rules=tuple(dataclasses.replace(r, first_segments=None) for r in _SAMPLE.rules)
+)
+_SEGMENTS = ["admin", "Admin", "status", "accounts", "7", "invoices", "REPORTS", "internal", "v1"]
+
+
+@given(
+    st.lists(st.sampled_from(_SEGMENTS), max_size=5),
+    st.sampled_from(["GET", "POST", "DELETE"]),
+    st.sampled_from(["api.example.com", "eu.billing.example.com", "other.example"]),
+    st.sampled_from([PLAIN, ADMIN, BILLING]),
+)
+def test_the_segment_index_decides_as_trying_every_rule_would(
+    segments: list[str], method: str, host: str, client: Client
+) -> None:
+    """Skipping the rules a path's first segment rules out never changes a verdict."""
+    path = "/" + "/".join(segments)
+    assert verdict(_SAMPLE, client, path, method=method, host=host) == verdict(
+        _UNINDEXED, client, path, method=method, host=host
+    )
