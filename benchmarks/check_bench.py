@@ -252,7 +252,17 @@ def main() -> None:
         ("bare aio (tcp)", "bare sync (tcp)"),
     ]:
         ratio = results[mine].cpu_us_per_check / results[floor].cpu_us_per_check
-        print(f"CPU per check, {mine} / {floor}: {ratio:.2f}x")
+        # Paired: the two servers' ratio within each round (they ran back to back, so the
+        # machine's drift cancels out), then the median over rounds.
+        paired = sorted(
+            m.cpu_us_per_check / f.cpu_us_per_check
+            for m, f in zip(rounds[mine], rounds[floor], strict=True)
+        )
+        print(
+            f"CPU per check, {mine} / {floor}: {ratio:.2f}x "
+            f"(per round: median {paired[len(paired) // 2]:.2f}x, "
+            f"range {paired[0]:.2f}-{paired[-1]:.2f}x)"
+        )
 
 
 if __name__ == "__main__":
