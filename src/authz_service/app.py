@@ -327,7 +327,9 @@ async def _serve(
                 "event": "serving",
                 "grpc_address": settings.grpc_address,
                 "grpc_port": port,
+                "grpc_workers": settings.grpc_workers,
                 "http_address": settings.http_address,
+                "access_log_address": settings.access_log_address or None,
                 "admin_address": settings.admin_address or None,
             }
         },

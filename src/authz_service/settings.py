@@ -216,8 +216,9 @@ class Settings:
     )
     max_concurrent_checks: int = _setting(
         1000,
-        "checks waiting for the registry at once; beyond that, checks that would wait are "
-        "denied with 503 overloaded (answers from memory never wait)",
+        "checks waiting for the registry at once (AUTHZ_GRPC_WORKERS bounds them too); beyond "
+        "that, checks that would wait are denied with 503 overloaded (answers from memory "
+        "never wait)",
         between(1, 100_000),
     )
     drain_delay: float = _setting(

@@ -5,7 +5,6 @@ cannot be applied, so their fields are checked against what they must agree with
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +118,5 @@ def test_the_envoy_filter_patch_is_a_valid_envoy_filter(tmp_path: Path) -> None:
     }
     path = tmp_path / "patched.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [harness.tool("envoy"), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = harness.envoy_validate(path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -84,6 +84,17 @@ def send(
         conn.close()
 
 
+def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate` on a config file, with the real Envoy binary."""
+    return subprocess.run(
+        [tool("envoy"), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def grpcurl(target: str, *command: str, data: str | None = None) -> str:
     """Run the real grpcurl (from its wheel): options, then the address, then the command."""
     options = ["-d", data] if data is not None else []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,5 @@ def test_there_are_sample_configs() -> None:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
 def test_envoy_validates_the_sample(config: Path) -> None:
     """`envoy --mode validate` accepts it."""
-    result = subprocess.run(
-        [harness.tool("envoy"), "--mode", "validate", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = harness.envoy_validate(config)
     assert result.returncode == 0, result.stdout + result.stderr
