@@ -119,8 +119,8 @@ def build_server(
     workers: int,
     max_message_bytes: int,
 ) -> grpc.Server:
-    """The check server: gRPC's thread-pool server, which costs about a third less CPU per call
-    than grpc.aio (see the README's Performance section)."""
+    """The check server: gRPC's thread-pool server, which costs about half the CPU per call of
+    grpc.aio (see the README's Performance section)."""
     # No maximum_concurrent_rpcs: its refusal is a gRPC error (RESOURCE_EXHAUSTED), which
     # Envoy's failure_mode_allow could turn into an allow. Waiting checks are bounded by the
     # pipeline (an explicit 503) and by the workers.

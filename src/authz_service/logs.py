@@ -1,4 +1,4 @@
-"""Structured JSON logs, written off the event loop, with a redaction step.
+"""Structured JSON logs, written off the request path, with a redaction step.
 
 Callers pass structured data as ``extra={"fields": {...}}``. Before a line is written, any field
 whose name is on the redaction list is replaced, so a credential handed to a log call by mistake
@@ -114,7 +114,7 @@ def configure(
 ) -> None:
     """Route every log record through a bounded buffer that a writer thread drains in batches.
 
-    The event loop only appends a record; formatting and the write (which can block on a slow
+    The caller only appends a record; formatting and the write (which can block on a slow
     pipe) happen on the writer thread, a batch at a time, so a record costs no thread wake-up.
     """
     # The documented logging optimisations: skip caller, thread and process lookups per record.
@@ -160,7 +160,8 @@ class BatchingHandler(logging.Handler):
         self._writer.start()
 
     def handle(self, record: logging.LogRecord) -> bool:
-        # No handler lock: deque.append is atomic, and this runs on the event loop.
+        # No handler lock: deque.append is atomic (records come from the check server's
+        # worker threads and the event loop).
         if len(self._records) >= self._capacity:
             self._dropped += 1
         else:
