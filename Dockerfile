@@ -1,6 +1,7 @@
 # authz-service and client-registry in one image.
 #   docker build -t authz-service .
-#   docker run -p 9001:9001 -p 9090:9090 -v "$PWD/keys.yaml:/etc/authz/keys.yaml:ro" authz-service
+#   docker run -p 9001:9001 -p 9003:9003 -p 9090:9090 \
+#     -v "$PWD/keys.yaml:/etc/authz/keys.yaml:ro" authz-service
 #   docker run -p 8081:8081 authz-service client-registry serve
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 

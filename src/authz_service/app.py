@@ -21,7 +21,7 @@ from authz_service.envoy_codec import CodecSettings, Encoder
 from authz_service.feed import ChangeFeed
 from authz_service.metrics import Metrics
 from authz_service.pipeline import Pipeline, PipelineSettings
-from authz_service.policy import NO_POLICY, Policy, PolicyError, PolicyFile
+from authz_service.policy import Policy, PolicyError, PolicyFile
 from authz_service.registry import Registry
 from authz_service.registry.http import HttpRegistry
 from authz_service.registry.snapshot import SnapshotRegistry
@@ -61,36 +61,31 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
         registry = registry or _registry(settings, metrics)
     except RuntimeError as exc:  # an optional extra that the settings need is missing
         raise StartupError(str(exc)) from None
-    policy_file = PolicyFile(Path(settings.policy_file), settings.policy_reload_interval)
+    policy_file = None
     if settings.policy_file:
+        policy_file = PolicyFile(Path(settings.policy_file), settings.policy_reload_interval)
         try:
             await policy_file.start()
         except PolicyError as exc:
             raise StartupError(str(exc)) from None
+        rules = policy_file.current
         metrics.gauge(
-            "authz_policy_rules",
-            "Rules in the policy file in force.",
-            lambda: len(policy_file.current().rules),
+            "authz_policy_rules", "Rules in the policy file in force.", lambda: len(rules().rules)
         )
-        policy: Callable[[], Policy] = policy_file.current
-    else:
-        policy = _no_policy
     feed = _change_feed(settings, registry)
     _watch(metrics, registry, feed)
     try:
         await registry.start()
         if feed is not None:
             await feed.start()
+        policy = None if policy_file is None else policy_file.current
         await _serve(settings, stop, registry, metrics, policy)
     finally:
         if feed is not None:
             await feed.close()
         await registry.close()
-        await policy_file.close()
-
-
-def _no_policy() -> Policy:
-    return NO_POLICY
+        if policy_file is not None:
+            await policy_file.close()
 
 
 async def _follow_readiness(
@@ -232,7 +227,7 @@ async def _serve(
     stop: asyncio.Event,
     registry: Registry,
     metrics: Metrics,
-    policy: Callable[[], Policy],
+    policy: Callable[[], Policy] | None,
 ) -> None:
     pipeline = Pipeline(
         registry,

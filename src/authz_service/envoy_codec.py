@@ -29,7 +29,7 @@ MAX_HEADER_VALUE_LENGTH = 256
 # Allow responses depend only on the client, and denials only on the reason and rule, so they
 # are built once and reused (never mutated after building). Bounded; cleared wholesale when full.
 _MAX_CACHED_ALLOWS = 10_000
-_MAX_CACHED_RULE_DENIALS = 1_000
+_MAX_CACHED_DENIALS = 1_000
 # Printable ASCII except "%": everything else is percent-encoded, so a registry-supplied value can
 # never carry CR, LF or NUL into a header (Envoy would turn that request into a 500).
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -117,7 +117,8 @@ def decode_access_logs(
 
 
 class Encoder:
-    """Builds CheckResponses. Deny responses are constant per reason, so they are built once."""
+    """Builds CheckResponses, each at most once per client (allows) or per reason and rule
+    (denials)."""
 
     def __init__(self, settings: CodecSettings) -> None:
         self._settings = settings
@@ -126,20 +127,17 @@ class Encoder:
             settings.client_name_header,
             settings.client_roles_header,
         )
-        self._denials = {reason: self._build_denial(reason) for reason in Reason}
-        self._rule_denials: dict[tuple[Reason, str], CheckResponse] = {}
+        self._denials: dict[tuple[Reason, str | None], CheckResponse] = {}
         self._allows: dict[Client | None, CheckResponse] = {}
 
     def encode(self, decision: Decision) -> CheckResponse:
         if not decision.allowed:
-            if decision.rule is None:
-                return self._denials[decision.reason]
             key = (decision.reason, decision.rule)
-            denial = self._rule_denials.get(key)
+            denial = self._denials.get(key)
             if denial is None:
-                if len(self._rule_denials) >= _MAX_CACHED_RULE_DENIALS:
-                    self._rule_denials.clear()
-                denial = self._rule_denials[key] = self._build_denial(*key)
+                if len(self._denials) >= _MAX_CACHED_DENIALS:
+                    self._denials.clear()
+                denial = self._denials[key] = self._build_denial(*key)
             return denial
         response = self._allows.get(decision.client)
         if response is None:

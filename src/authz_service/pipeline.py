@@ -56,12 +56,13 @@ class Pipeline:
         registry: Registry,
         settings: PipelineSettings,
         metrics: Metrics | None = None,
-        policy: Callable[[], Policy] = lambda: NO_POLICY,
+        policy: Callable[[], Policy] | None = None,
     ) -> None:
-        """``policy`` returns the access policy in force (the policy file reloads)."""
+        """``policy`` returns the access policy in force (the policy file reloads); without
+        one, every identified client is allowed, subject to its route's requirements."""
         self._registry = registry
         self._metrics = metrics
-        self._policy = policy
+        self._policy = policy or _no_policy
         self._rules = settings.credential_rules
         self._timeout = settings.check_timeout
         self._max_in_flight = settings.max_in_flight
@@ -206,3 +207,7 @@ def _denial(exc: Exception) -> Decision:
         return Decision.deny(exc.reason)
     log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
     return Decision.deny(Reason.INTERNAL_ERROR)
+
+
+def _no_policy() -> Policy:
+    return NO_POLICY
