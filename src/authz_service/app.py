@@ -263,13 +263,14 @@ async def _serve(
         max_message_bytes=settings.max_message_bytes,
     )
     # Optional servers on grpc.aio: the access-log streams and the admin API.
-    optional: list[tuple[str, str, grpc.aio.Server]] = []
+    optional: list[tuple[str, str, str, grpc.aio.Server]] = []
     if settings.access_log_address:
         access_logs = grpc_server.AccessLogServicer(
             metrics, settings.access_log_client_header or None
         )
         optional.append(
             (
+                "access_log",
                 settings.access_log_address,
                 "AUTHZ_ACCESS_LOG_ADDRESS (access_log_address)",
                 grpc_server.build_access_log_server(access_logs, settings.max_message_bytes),
@@ -278,30 +279,33 @@ async def _serve(
     if settings.admin_address:
         optional.append(
             (
+                "admin",
                 settings.admin_address,
                 "AUTHZ_ADMIN_ADDRESS (admin_address)",
                 grpc_server.build_admin_server(AdminServicer(pipeline)),
             )
         )
-    port = _listen(server, settings.grpc_address, "AUTHZ_GRPC_ADDRESS (grpc_address)")
-    for address, setting, aio_server in optional:
-        _listen(aio_server, address, setting)
+    # The ports actually bound (an address may ask for port 0), reported in the "serving" line.
+    ports = {"grpc": _listen(server, settings.grpc_address, "AUTHZ_GRPC_ADDRESS (grpc_address)")}
+    for name, address, setting, aio_server in optional:
+        ports[name] = _listen(aio_server, address, setting)
     draining = False
 
     def is_ready() -> bool:
         return registry.ready and not draining
 
     server.start()
-    for _, _, aio_server in optional:
+    for *_, aio_server in optional:
         await aio_server.start()
 
     async def stop_servers(grace: float | None) -> None:
-        for _, _, aio_server in optional:
+        for *_, aio_server in optional:
             await aio_server.stop(None)
         await asyncio.to_thread(server.stop(grace).wait)
 
     try:
         runner = await http_server.start(settings.http_address, is_ready, metrics.exposition)
+        ports["http"] = runner.addresses[0][1]
     except OSError as exc:
         await stop_servers(None)
         raise StartupError(
@@ -321,7 +325,8 @@ async def _serve(
             "fields": {
                 "event": "serving",
                 "grpc_address": settings.grpc_address,
-                "grpc_port": port,
+                "grpc_port": ports["grpc"],
+                "ports": ports,
                 "grpc_workers": settings.grpc_workers,
                 "http_address": settings.http_address,
                 "access_log_address": settings.access_log_address or None,
