@@ -40,6 +40,11 @@ def _redis_url(value: str) -> str | None:
     return None if ok else "expected redis://host:port/db"
 
 
+def _path_prefix(value: str) -> str | None:
+    ok = not value or (value.startswith("/") and not value.endswith("/") and value.isprintable())
+    return None if ok else "empty, or a path starting with '/' and not ending with '/'"
+
+
 def _realm(value: str) -> str | None:
     ok = 0 < len(value) <= 64 and value.isascii() and value.isprintable()
     return None if ok else "1-64 printable ASCII characters"
@@ -69,6 +74,23 @@ class Settings:
         "gRPC listen address of Envoy's access-log service (per-client responses and bytes): "
         "host:port or unix:/path (empty: off)",
         lambda value: address(unix_ok=True)(value) if value else None,
+    )
+    http_check_address: str = _setting(
+        "0.0.0.0:9004",
+        "listen address of the HTTP ext_authz check server (Envoy's http_service mode): "
+        "host:port or unix:/path (empty: off)",
+        lambda value: address(unix_ok=True)(value) if value else None,
+    )
+    http_check_path_prefix: str = _setting(
+        "",
+        "the path_prefix Envoy's http_service puts before the original path; removed before "
+        "the policy sees the path",
+        _path_prefix,
+    )
+    access_log_token: str = _setting(
+        "",
+        "bearer token Envoy must send on access-log streams (grpc_service initial_metadata "
+        "'authorization: Bearer <token>'); empty: streams are not authenticated",
     )
     admin_address: str = _setting(
         "127.0.0.1:9002",
