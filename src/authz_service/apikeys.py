@@ -34,14 +34,34 @@ def generate(prefix: str = DEFAULT_PREFIX) -> str:
     return payload + _checksum(payload)
 
 
-def has_valid_checksum(key: str) -> bool:
-    """True when ``key`` has the checksummed format and its checksum matches."""
+def has_valid_checksum(key: str, prefix: str | None = None) -> bool:
+    """True when ``key`` has the checksummed format (with ``prefix``, if given) and its
+    checksum matches."""
     match = _CHECKSUMMED.fullmatch(key)
-    return match is not None and _checksum(match["payload"]) == match["check"]
+    return (
+        match is not None
+        and (prefix is None or match["payload"].startswith(prefix + "_"))
+        and _checksum(match["payload"]) == match["check"]
+    )
+
+
+def has_format(key: str, prefix: str) -> bool:
+    """True when ``key`` has the shape of a checksummed key with ``prefix`` (whatever its
+    checksum): such a key can only be valid if its checksum matches."""
+    return (
+        len(key) == len(prefix) + 1 + BODY_LENGTH + CHECK_LENGTH
+        and key.startswith(prefix + "_")
+        and _CHECKSUMMED.fullmatch(key) is not None
+    )
+
+
+def digest(key: str) -> bytes:
+    """The SHA-256 of a key: the only form in which keys are stored or cached."""
+    return hashlib.sha256(key.encode()).digest()
 
 
 def hash_key(key: str) -> str:
-    """The hex SHA-256 of a key: the only form in which keys are stored or cached."""
+    """The hex SHA-256 of a key, as files and the registry contract write it."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""Composition root: builds the concrete parts from settings, runs them, shuts them down."""
+"""Composition root: builds the concrete parts from settings, runs them, shuts them down. The only
+place that builds concrete classes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import asyncio
 import gc
 import logging
 import signal
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -16,13 +17,15 @@ from grpc_health.v1 import health, health_pb2
 from authz_service import grpc_server, http_server
 from authz_service.admin.servicer import AdminServicer
 from authz_service.breaker import CircuitBreaker
+from authz_service.changes import RecentChanges
+from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
 from authz_service.envoy_codec import CodecSettings, Encoder
-from authz_service.feed import ChangeFeed
+from authz_service.feed import ChangeFeed, FeedSettings
+from authz_service.health import Health, supervise
 from authz_service.metrics import Metrics
-from authz_service.pipeline import Pipeline, PipelineSettings
 from authz_service.policy import Policy, PolicyError, PolicyFile
-from authz_service.registry import Registry
+from authz_service.registry import ChangeConsumer, Registry
 from authz_service.registry.http import HttpRegistry
 from authz_service.registry.snapshot import SnapshotRegistry
 from authz_service.registry.static_file import StaticFileRegistry
@@ -42,6 +45,14 @@ class StartupError(RuntimeError):
     """The service cannot start; the message says which setting to fix."""
 
 
+@dataclass
+class Parts:
+    """What the settings call for, built: the key source, and who follows the change feed."""
+
+    registry: Registry
+    consumer: ChangeConsumer | None = None
+
+
 async def run_until_signalled(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain gracefully."""
     stop = asyncio.Event()
@@ -56,9 +67,12 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
 
     ``registry`` replaces the one the settings describe (tests use it to inject faults).
     """
+    loop = asyncio.get_running_loop()
+    health_state = Health()
     metrics = Metrics(settings.metrics_client_cap)
+    metrics.watch_health(lambda: health_state.problems)
     try:
-        registry = registry or _registry(settings, metrics)
+        parts = Parts(registry) if registry else _parts(settings, loop, health_state, metrics)
     except RuntimeError as exc:  # an optional extra that the settings need is missing
         raise StartupError(str(exc)) from None
     policy_file = None
@@ -68,24 +82,87 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
             await policy_file.start()
         except PolicyError as exc:
             raise StartupError(str(exc)) from None
-        rules = policy_file.current
-        metrics.gauge(
-            "authz_policy_rules", "Rules in the policy file in force.", lambda: len(rules().rules)
-        )
-    feed = _change_feed(settings, registry)
-    _watch(metrics, registry, feed)
+        metrics.watch_policy(policy_file.current)
+    feed_task = None
     try:
-        await registry.start()
-        if feed is not None:
-            await feed.start()
+        await parts.registry.start()
+        if parts.consumer is not None:
+            feed = ChangeFeed(
+                settings.registry_url,
+                settings.registry_token,
+                parts.consumer,
+                health_state,
+                FeedSettings(poll_interval=settings.snapshot_poll_interval),
+            )
+            metrics.watch_feed(feed)
+            feed_task = supervise("change-feed", feed.run)
         policy = None if policy_file is None else policy_file.current
-        await _serve(settings, stop, registry, metrics, policy)
+        await _serve(
+            settings,
+            stop=stop,
+            registry=parts.registry,
+            metrics=metrics,
+            health_state=health_state,
+            policy=policy,
+        )
     finally:
-        if feed is not None:
-            await feed.close()
-        await registry.close()
+        if feed_task is not None:
+            feed_task.cancel()
+        await parts.registry.close()
         if policy_file is not None:
             await policy_file.close()
+
+
+def _parts(
+    settings: Settings, loop: asyncio.AbstractEventLoop, health_state: Health, metrics: Metrics
+) -> Parts:
+    if settings.registry == "http":
+        backend = HttpRegistry(
+            settings.registry_url,
+            settings.registry_token,
+            timeout=settings.registry_timeout,
+            max_in_flight=settings.registry_max_in_flight,
+            breaker=CircuitBreaker(
+                settings.registry_breaker_failures, settings.registry_breaker_cooldown
+            ),
+            health=health_state,
+            observe_latency=metrics.registry_call_seconds.observe,
+        )
+        metrics.watch_registry_client(backend)
+        resolver = CachingResolver(
+            backend,
+            ResolverSettings(
+                positive_ttl=settings.cache_ttl,
+                negative_ttl=settings.cache_negative_ttl,
+                max_stale=settings.cache_max_stale,
+                max_entries=settings.cache_max_entries,
+                cold_lookups_per_second=settings.cold_lookup_rate,
+                cold_lookup_burst=settings.cold_lookup_burst,
+            ),
+            loop,
+            # Kept longer than any cached answer can live, stale-if-error included.
+            RecentChanges(retention=settings.cache_ttl + settings.cache_max_stale + 60),
+            shared=_shared_cache(settings),
+        )
+        metrics.watch_cache(resolver)
+        return Parts(resolver, resolver if settings.registry_feed else None)
+    if settings.registry == "snapshot":
+        snapshot = SnapshotRegistry(settings.registry_url, settings.registry_token)
+        metrics.watch_snapshot(snapshot)
+        return Parts(snapshot, snapshot)
+    # The keys file is in memory already: a cache in front of it would only add work.
+    return Parts(StaticFileRegistry(settings.keys_file, settings.keys_reload_interval))
+
+
+def _shared_cache(settings: Settings) -> SharedCache | None:
+    if not settings.redis_url:
+        return None
+    return SharedCache(
+        settings.redis_url,
+        settings.redis_namespace,
+        settings.redis_timeout,
+        CircuitBreaker(settings.registry_breaker_failures, settings.registry_breaker_cooldown),
+    )
 
 
 async def _follow_readiness(
@@ -102,150 +179,35 @@ async def _follow_readiness(
         await asyncio.sleep(_READINESS_POLL)
 
 
-def _registry(settings: Settings, metrics: Metrics) -> Registry:
-    if settings.registry == "http":
-        backend = HttpRegistry(
-            settings.registry_url,
-            settings.registry_token,
-            timeout=settings.registry_timeout,
-            max_in_flight=settings.registry_max_in_flight,
-            breaker=CircuitBreaker(
-                settings.registry_breaker_failures, settings.registry_breaker_cooldown
-            ),
-            observe_latency=metrics.registry_call_seconds.observe,
-        )
-        return CachingResolver(
-            backend,
-            ResolverSettings(
-                positive_ttl=settings.cache_ttl,
-                negative_ttl=settings.cache_negative_ttl,
-                max_stale=settings.cache_max_stale,
-                max_entries=settings.cache_max_entries,
-                cold_lookups_per_second=settings.cold_lookup_rate,
-                cold_lookup_burst=settings.cold_lookup_burst,
-            ),
-            shared=_shared_cache(settings),
-        )
-    if settings.registry == "snapshot":
-        return SnapshotRegistry(
-            settings.registry_url, settings.registry_token, settings.snapshot_poll_interval
-        )
-    # The keys file is in memory already: a cache in front of it would only add work.
-    return StaticFileRegistry(settings.keys_file, settings.keys_reload_interval)
-
-
-def _shared_cache(settings: Settings) -> SharedCache | None:
-    if not settings.redis_url:
-        return None
-    return SharedCache(
-        settings.redis_url,
-        settings.redis_namespace,
-        settings.redis_timeout,
-        CircuitBreaker(settings.registry_breaker_failures, settings.registry_breaker_cooldown),
-    )
-
-
-def _change_feed(settings: Settings, registry: Registry) -> ChangeFeed | None:
-    if not (settings.registry_feed and isinstance(registry, CachingResolver)):
-        return None
-    return ChangeFeed(settings.registry_url, settings.registry_token, registry.apply_change)
-
-
-def _watch(metrics: Metrics, registry: Registry, feed: ChangeFeed | None) -> None:
-    """Expose the state of the parts in use; read at scrape time, never per check."""
-    if isinstance(registry, CachingResolver):
-        resolver = registry
-        metrics.counters(
-            "authz_cache_lookups", "Cache lookups by result.", "result", lambda: resolver.lookups
-        )
-        metrics.gauge(
-            "authz_cache_entries", "Keys in the in-process cache.", lambda: resolver.entries
-        )
-        metrics.counter(
-            "authz_cache_evictions",
-            "Entries pushed out by the size bound.",
-            lambda: resolver.evictions,
-        )
-        backend = resolver.backend
-        if isinstance(backend, HttpRegistry):
-            http = backend
-            metrics.counters(
-                "authz_registry_calls",
-                "Registry calls by outcome.",
-                "outcome",
-                lambda: http.outcomes,
-            )
-            metrics.gauge(
-                "authz_registry_circuit_state",
-                "Registry circuit breaker: 0 closed, 1 open, 2 half-open.",
-                lambda: _BREAKER_STATES[http.breaker_state],
-            )
-    if isinstance(registry, SnapshotRegistry):
-        snapshot = registry
-        metrics.gauge(
-            "authz_snapshot_version",
-            "Change-log version of the registry copy.",
-            lambda: snapshot.version,
-        )
-        metrics.gauge(
-            "authz_snapshot_age_seconds",
-            "Seconds since the copy last synced.",
-            lambda: None if snapshot.synced_at is None else time.time() - snapshot.synced_at,
-        )
-    if feed is None and not isinstance(registry, SnapshotRegistry):
-        return
-
-    def followed() -> ChangeFeed | None:
-        # The snapshot registry creates its feed once its first snapshot is in.
-        return registry.feed if isinstance(registry, SnapshotRegistry) else feed
-
-    def connected() -> float:
-        current = followed()
-        return 1 if current is not None and current.connected else 0
-
-    def last_event_age() -> float | None:
-        current = followed()
-        if current is None or current.last_event_at is None:
-            return None
-        return time.time() - current.last_event_at
-
-    metrics.gauge(
-        "authz_feed_connected", "1 while the registry change feed is connected.", connected
-    )
-    metrics.gauge(
-        "authz_feed_last_event_age_seconds",
-        "Seconds since the last change-feed event.",
-        last_event_age,
-    )
-
-
-_BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
-
-
 async def _serve(
     settings: Settings,
+    *,
     stop: asyncio.Event,
     registry: Registry,
     metrics: Metrics,
+    health_state: Health,
     policy: Callable[[], Policy] | None,
 ) -> None:
-    pipeline = Pipeline(
+    workers = settings.grpc_workers
+    checker = Checker(
         registry,
-        PipelineSettings(
+        CheckSettings(
             credential_rules=CredentialRules(
                 max_key_length=settings.max_key_length,
+                key_prefix=settings.key_prefix,
                 require_checksum=settings.require_key_checksum,
             ),
             check_timeout=settings.check_timeout,
-            max_in_flight=settings.max_concurrent_checks,
+            max_waiting=settings.max_concurrent_checks,
+            # A quarter of the workers (at least one) never wait for the registry.
+            max_waiting_threads=max(1, workers - max(1, workers // 4)),
             allow_non_http=settings.non_http_requests == "allow",
         ),
+        asyncio.get_running_loop(),
         metrics,
         policy,
     )
-    metrics.gauge(
-        "authz_checks_in_flight", "Checks waiting for the registry.", lambda: pipeline.in_flight
-    )
+    metrics.watch_checks(checker)
     encoder = Encoder(
         CodecSettings(
             client_id_header=settings.client_id_header,
@@ -257,16 +219,15 @@ async def _serve(
     )
     health_servicer = health.HealthServicer()
     server = grpc_server.build_server(
-        grpc_server.AuthorizationServicer(pipeline, encoder, asyncio.get_running_loop()),
+        grpc_server.AuthorizationServicer(checker, encoder, settings.max_message_bytes),
         health_servicer,
-        workers=settings.grpc_workers,
-        max_message_bytes=settings.max_message_bytes,
+        workers=workers,
     )
     # Optional servers on grpc.aio: the access-log streams and the admin API.
     optional: list[tuple[str, str, str, grpc.aio.Server]] = []
     if settings.access_log_address:
         access_logs = grpc_server.AccessLogServicer(
-            metrics, settings.access_log_client_header or None
+            metrics, settings.access_log_client_header or None, settings.access_log_token
         )
         optional.append(
             (
@@ -282,7 +243,7 @@ async def _serve(
                 "admin",
                 settings.admin_address,
                 "AUTHZ_ADMIN_ADDRESS (admin_address)",
-                grpc_server.build_admin_server(AdminServicer(pipeline)),
+                grpc_server.build_admin_server(AdminServicer(checker)),
             )
         )
     # The ports actually bound (an address may ask for port 0), reported in the "serving" line.
@@ -291,8 +252,14 @@ async def _serve(
         ports[name] = _listen(aio_server, address, setting)
     draining = False
 
-    def is_ready() -> bool:
-        return registry.ready and not draining
+    def not_ready() -> list[str]:
+        """Why this replica must not get checks now (empty: it is ready)."""
+        reasons = list(health_state.problems.values())
+        if not registry.ready:
+            reasons.append("the registry's keys are not loaded yet")
+        if draining:
+            reasons.append("shutting down")
+        return reasons
 
     server.start()
     for *_, aio_server in optional:
@@ -304,7 +271,7 @@ async def _serve(
         await asyncio.to_thread(server.stop(grace).wait)
 
     try:
-        runner = await http_server.start(settings.http_address, is_ready, metrics.exposition)
+        runner = await http_server.start(settings.http_address, not_ready, metrics.exposition)
         ports["http"] = runner.addresses[0][1]
     except OSError as exc:
         await stop_servers(None)
@@ -318,7 +285,9 @@ async def _serve(
     # "liveness" is SERVING while the process runs, for liveness probes: unlike readiness, a
     # registry that is not synced yet must not get the pod restarted.
     health_servicer.set(LIVENESS_SERVICE, _SERVING)
-    health_task = asyncio.create_task(_follow_readiness(health_servicer, is_ready))
+    health_task = supervise(
+        "readiness", lambda: _follow_readiness(health_servicer, lambda: not not_ready())
+    )
     log.info(
         "serving",
         extra={
@@ -327,7 +296,7 @@ async def _serve(
                 "grpc_address": settings.grpc_address,
                 "grpc_port": ports["grpc"],
                 "ports": ports,
-                "grpc_workers": settings.grpc_workers,
+                "grpc_workers": workers,
                 "http_address": settings.http_address,
                 "access_log_address": settings.access_log_address or None,
                 "admin_address": settings.admin_address or None,

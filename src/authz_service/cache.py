@@ -20,9 +20,10 @@ V = TypeVar("V")
 @dataclass(slots=True)
 class Entry(Generic[V]):
     value: V
-    stored_at: float
     fresh_until: float
     stale_until: float
+    refresh_at: float  # when a hit should start refreshing it in the background
+    tag: int = 0  # the owner's own mark, stored with the value
 
 
 class TtlCache(Generic[K, V]):
@@ -68,3 +69,7 @@ class TtlCache(Generic[K, V]):
             for key in keys:
                 del self._entries[key]
             return len(keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from authz_service import apikeys
-from authz_service.model import Credential
+from authz_service.model import ApiKey, Credential
 from authz_service.reasons import Reason
 
 SCHEME = "apikey"  # compared case-insensitively, as RFC 9110 says auth schemes are
@@ -19,9 +19,16 @@ SCHEME = "apikey"  # compared case-insensitively, as RFC 9110 says auth schemes 
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
+KEY_ID_LENGTH = 12  # hex digits of the key's SHA-256 that name it in logs (not secret)
+
+
 @dataclass(frozen=True, slots=True)
 class CredentialRules:
     max_key_length: int = 128
+    # Keys shaped like the checksummed format with this prefix are refused offline when their
+    # checksum is wrong: such a key can never be valid.
+    key_prefix: str = apikeys.DEFAULT_PREFIX
+    # Refuse every key that is not in the checksummed format with ``key_prefix``.
     require_checksum: bool = False
 
 
@@ -43,7 +50,11 @@ def extract(authorization: tuple[str, ...], rules: CredentialRules) -> Credentia
         not key
         or len(key) > rules.max_key_length
         or not _TOKEN68.fullmatch(key)
-        or (rules.require_checksum and not apikeys.has_valid_checksum(key))
+        or (
+            (rules.require_checksum or apikeys.has_format(key, rules.key_prefix))
+            and not apikeys.has_valid_checksum(key, rules.key_prefix)
+        )
     ):
         return Reason.MALFORMED_CREDENTIAL
-    return Credential(key=key, key_hash=apikeys.hash_key(key))
+    digest = apikeys.digest(key)
+    return Credential(ApiKey(key), digest, digest[: KEY_ID_LENGTH // 2].hex())

@@ -34,6 +34,10 @@ _MAX_CACHED_DENIALS = 1_000
 # never carry CR, LF or NUL into a header (Envoy would turn that request into a 500).
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 _NON_HTTP = Request(is_http=False)
+_TOO_LARGE = Request(is_http=True, problem=Reason.REQUEST_TOO_LARGE)
+_UNPARSABLE = Request(is_http=True, problem=Reason.REQUEST_UNPARSABLE)
+# The headers a check reads, besides the pseudo-headers Envoy sends as fields.
+_READ_HEADERS = frozenset({"authorization", "x-request-id", "traceparent", "tracestate"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +49,18 @@ class CodecSettings:
     retry_after_seconds: int = 1
 
 
-def decode(check: CheckRequest) -> Request:
-    """Take from a CheckRequest what the pipeline needs."""
+def decode(raw: bytes, max_bytes: int) -> Request:
+    """The Request in a serialised CheckRequest. Never raises: a request over ``max_bytes`` or
+    one that cannot be parsed becomes a Request that the check denies (and records)."""
+    if len(raw) > max_bytes:
+        return _TOO_LARGE
+    try:
+        return _decode(CheckRequest.FromString(raw))
+    except Exception:  # invalid protobuf, invalid UTF-8 in a string field, ...
+        return _UNPARSABLE
+
+
+def _decode(check: CheckRequest) -> Request:
     attributes = check.attributes
     request = attributes.request
     if not request.HasField("http"):
@@ -57,13 +71,19 @@ def decode(check: CheckRequest) -> Request:
     raw_headers = http.header_map.headers
     if raw_headers:
         # encode_raw_headers: repeated headers arrive as separate entries, values as raw bytes.
-        authorization = tuple(
-            entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-            for entry in raw_headers
-            if entry.key.lower() == "authorization"
-        )
+        found: dict[str, list[str]] = {}
+        for entry in raw_headers:
+            name = entry.key.lower()
+            if name in _READ_HEADERS:
+                value = (
+                    entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+                )
+                found.setdefault(name, []).append(value)
+        authorization = tuple(found.get("authorization", ()))
+        headers = {name: values[0] for name, values in found.items()}
     else:
-        value = http.headers.get("authorization")
+        headers = http.headers
+        value = headers.get("authorization")
         authorization = () if value is None else (value,)
     return Request(
         is_http=True,
@@ -71,9 +91,12 @@ def decode(check: CheckRequest) -> Request:
         method=http.method,
         host=http.host,
         path=http.path.partition("?")[0].partition("#")[0],
-        request_id=http.id,
+        request_id=headers.get("x-request-id", ""),
         size=max(http.size, 0),
         route=tuple(sorted(route.items())) if route else (),
+        stream_id=http.id,
+        traceparent=headers.get("traceparent", ""),
+        tracestate=headers.get("tracestate", ""),
     )
 
 
@@ -88,6 +111,7 @@ class UpstreamRecord:
 
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+HTTP_CLIENT_ID_METADATA = "x-authz-client-id"
 
 
 def decode_access_logs(
@@ -100,7 +124,10 @@ def decode_access_logs(
         client_id = None
         metadata = entry.common_properties.metadata.filter_metadata
         if EXT_AUTHZ_NAMESPACE in metadata:
-            value = metadata[EXT_AUTHZ_NAMESPACE].fields.get("client_id")
+            fields = metadata[EXT_AUTHZ_NAMESPACE].fields
+            # gRPC mode: our dynamic_metadata; HTTP mode: our answer header, which Envoy's
+            # dynamic_metadata_from_headers stores under its own name.
+            value = fields.get("client_id") or fields.get(HTTP_CLIENT_ID_METADATA)
             client_id = value.string_value if value is not None else None
         if client_id is None and client_header:
             client_id = entry.request.request_headers.get(client_header)

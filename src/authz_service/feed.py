@@ -1,28 +1,69 @@
-"""Follows the client registry's change feed (Server-Sent Events) and hands every change to a
-callback, so that each replica evicts revoked or changed keys within a fraction of a second.
+"""Follows the client registry's change log and hands every change to its consumer (the cache of
+``AUTHZ_REGISTRY=http``, or the snapshot's copy), so that each replica acts on a revocation
+within a fraction of a second. The one owner of following the registry's changes.
 
-It resumes from the last version it saw after a disconnection (``Last-Event-ID``), so no change
-is missed; while it is disconnected, cached entries still expire with their TTL.
+- It streams the changes (Server-Sent Events) and resumes from the last event id it saw, as an
+  EventSource does, so no change is missed across a reconnection.
+- While the stream cannot be had (refused by the subscriber limit, broken, or the registry
+  down), it follows the delta form (``GET /v1/changes?since=``) by polling, and says so in its
+  ``mode``; it tries the stream again after a backoff (or the registry's ``Retry-After``).
+- When the registry no longer has the changes after our version (410), or an event cannot be
+  read, it has the consumer resync: changes may have been missed.
+- A malformed event is logged and counted, never fatal; nothing the registry sent is logged.
+
+``run`` never returns; the service supervises it (``health.supervise``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from enum import StrEnum
 
 import aiohttp
 
-from authz_service import logs
+from authz_service import contract, logs
+from authz_service.contract import ContractError
+from authz_service.health import Health
+from authz_service.registry import ChangeConsumer
+from authz_service.registry.http import REJECTED
 
 log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 64 * 1024
-_MAX_RECONNECT_DELAY = 30.0
+_MAX_DELAY = 30.0
+
+
+class Mode(StrEnum):
+    CONNECTING = "connecting"  # not following yet (the first resync)
+    STREAMING = "streaming"
+    POLLING = "polling"
+
+
+class _ResyncRequiredError(Exception):
+    pass
+
+
+class _RefusedError(Exception):
+    def __init__(self, retry_after: float | None) -> None:
+        super().__init__("the registry refused the change stream")
+        self.retry_after = retry_after
+
+
+class FeedError(Exception):
+    """The change log could not be read; the message is ours, never the registry's text."""
+
+    safe_to_log = True
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSettings:
+    poll_interval: float = 1.0  # seconds between delta polls while the stream is down
+    reconnect_delay: float = 1.0  # the first wait before the stream is tried again
+    read_timeout: float = 60.0  # the registry sends a heartbeat well within this
 
 
 class ChangeFeed:
@@ -30,77 +71,196 @@ class ChangeFeed:
         self,
         base_url: str,
         token: str,
-        on_change: Callable[[Mapping[str, Any]], None],
-        reconnect_delay: float = 1.0,
-        since: int | None = None,
+        consumer: ChangeConsumer,
+        health: Health,
+        settings: FeedSettings,
     ) -> None:
-        """``since``: the version to follow from (default: the registry's current one)."""
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
-        self._on_change = on_change
-        self._reconnect_delay = reconnect_delay
-        self._task: asyncio.Task[None] | None = None
-        self.connected = False
+        self._consumer = consumer
+        self._health = health
+        self._settings = settings
+        self.mode = Mode.CONNECTING
+        self.version: int | None = None  # the last change (or snapshot) version taken in
         self.last_event_at: float | None = None
-        self.version: int | None = since
+        self.malformed_events = 0
+        self.resyncs = 0
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="registry-change-feed")
+    @property
+    def connected(self) -> bool:
+        return self.mode is Mode.STREAMING
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=60)
-        delay = self._reconnect_delay
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=5, sock_read=self._settings.read_timeout
+        )
+        self.mode = Mode.CONNECTING
         async with aiohttp.ClientSession(headers=self._headers, timeout=timeout) as session:
+            await self._resync(session, "start")
+            delay = self._settings.reconnect_delay
             while True:
+                retry_in = delay
                 try:
-                    if self.version is None:
-                        self.version = await self._current_version(session)
-                    await self._follow(session)
-                except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+                    await self._stream(session)
+                    delay = self._settings.reconnect_delay  # it ended after working
+                except _ResyncRequiredError:
+                    await self._resync(session, "changes_pruned")
+                    continue
+                except _RefusedError as refused:
+                    retry_in = refused.retry_after or delay
+                    log.warning(
+                        "change stream refused by the registry; following by polling",
+                        extra={"fields": {"event": "feed_refused", "retry_in": retry_in}},
+                    )
+                except Exception as exc:  # the stream broke: poll meanwhile, never stop
                     logs.failure(
                         log,
-                        "registry change feed disconnected; reconnecting",
+                        "registry change stream down; following by polling",
                         "feed_disconnected",
                         exc,
-                        retry_in=delay,
+                        retry_in=retry_in,
                     )
-                finally:
-                    if self.connected:  # it worked for a while: start backing off afresh
-                        delay = self._reconnect_delay
-                    self.connected = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_RECONNECT_DELAY)
+                self.mode = Mode.POLLING
+                await self._poll_for(session, retry_in)
+                delay = min(delay * 2, _MAX_DELAY)
 
-    async def _current_version(self, session: aiohttp.ClientSession) -> int:
+    async def _stream(self, session: aiohttp.ClientSession) -> None:
+        headers = {"Accept": "text/event-stream"}
+        if self.version is not None:
+            headers["Last-Event-ID"] = str(self.version)
         async with session.get(
-            f"{self._base}/v1/changes", params={"since": "0", "limit": "1"}, allow_redirects=False
+            f"{self._base}/v1/changes/stream", headers=headers, allow_redirects=False
         ) as reply:
-            reply.raise_for_status()
-            return int((await reply.json())["current_version"])
-
-    async def _follow(self, session: aiohttp.ClientSession) -> None:
-        async with session.get(
-            f"{self._base}/v1/changes/stream",
-            allow_redirects=False,
-            headers={"Last-Event-ID": str(self.version), "Accept": "text/event-stream"},
-        ) as reply:
-            reply.raise_for_status()
-            self.connected = True
+            self._check_status(reply)
+            self.mode = Mode.STREAMING
             log.info(
                 "registry change feed connected",
                 extra={"fields": {"event": "feed_connected", "version": self.version}},
             )
-            while line := await reply.content.readline():
+            event, event_id, data = "message", None, []
+            async for line in reply.content:
                 if len(line) > MAX_EVENT_BYTES:
-                    raise ValueError("change event over the size limit")
-                if line.startswith(b"data: "):
-                    change = json.loads(line[len(b"data: ") :])
-                    self._on_change(change)
-                    self.version = int(change["version"])
-                    self.last_event_at = time.time()
+                    raise FeedError("a change-stream line over the size limit")
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                if text:
+                    field, _, value = text.partition(":")
+                    value = value.removeprefix(" ")
+                    if field == "event":
+                        event = value
+                    elif field == "id":
+                        event_id = value
+                    elif field == "data":
+                        data.append(value)
+                    continue
+                # A blank line dispatches the event.
+                if data or event_id is not None:
+                    await self._dispatch(session, event, event_id, "\n".join(data))
+                event, event_id, data = "message", None, []
+            raise FeedError("the registry ended the change stream")
+
+    async def _dispatch(
+        self, session: aiohttp.ClientSession, event: str, event_id: str | None, data: str
+    ) -> None:
+        if event == "change":
+            try:
+                change = contract.parse_change(json.loads(data))
+            except (ContractError, ValueError, RecursionError) as exc:
+                self.malformed_events += 1
+                log.error(
+                    "malformed change event; resyncing, as it may have been a revocation",
+                    extra={"fields": {"event": "feed_malformed_event", "error": str(exc)}},
+                )
+                self._take_id(event_id)
+                await self._resync(session, "malformed_event")
+                return
+            self._consumer.apply(change)
+            self.last_event_at = time.time()
+            self.version = change.version
+            self._take_id(event_id)
+        elif event_id is not None:  # "ready", or any other event: only its position counts
+            self._take_id(event_id)
+
+    def _take_id(self, event_id: str | None) -> None:
+        if event_id is not None and event_id.isdigit() and len(event_id) < 20:
+            self.version = int(event_id)
+
+    async def _poll_for(self, session: aiohttp.ClientSession, seconds: float) -> None:
+        """Follow the delta form for ``seconds``."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while True:
+            try:
+                await self._poll(session)
+            except _ResyncRequiredError:
+                await self._resync(session, "changes_pruned")
+            except Exception as exc:
+                logs.failure(log, "registry change log not read", "feed_poll_failed", exc)
+            if loop.time() >= until:
+                return
+            await asyncio.sleep(min(self._settings.poll_interval, max(0, until - loop.time())))
+
+    async def _poll(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            params = {"limit": "1000"} if self.version is None else {"since": str(self.version)}
+            async with session.get(
+                f"{self._base}/v1/changes", params=params, allow_redirects=False
+            ) as reply:
+                self._check_status(reply)
+                document = await reply.json()
+            if not isinstance(document, dict) or not isinstance(document.get("changes"), list):
+                raise FeedError("a change log outside the contract")
+            if self.version is None:
+                self.version = contract.parse_version(document.get("current_version"))
+                return
+            changes = [contract.parse_change(item) for item in document["changes"]]
+            for change in changes:
+                self._consumer.apply(change)
+                self.version = change.version
+                self.last_event_at = time.time()
+            if not changes:
+                return
+
+    async def _resync(self, session: aiohttp.ClientSession, why: str) -> None:
+        """Have the consumer start afresh; retried until it succeeds."""
+        delay = self._settings.reconnect_delay
+        while True:
+            try:
+                version = await self._consumer.resync()
+                if version is None and self.version is None:
+                    await self._poll(session)  # learns the registry's current version
+                elif version is not None:
+                    self.version = version
+            except Exception as exc:
+                logs.failure(
+                    log, "resync with the registry failed", "feed_resync_failed", exc, reason=why
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_DELAY)
+                continue
+            self.resyncs += 1
+            log.info(
+                "resynced with the registry",
+                extra={
+                    "fields": {"event": "feed_resynced", "reason": why, "version": self.version}
+                },
+            )
+            return
+
+    def _check_status(self, reply: aiohttp.ClientResponse) -> None:
+        if reply.status in (401, 403):
+            problem = REJECTED.format(status=reply.status)
+            self._health.report("registry", problem)
+            raise FeedError(problem)
+        if reply.status == 410:
+            raise _ResyncRequiredError
+        if reply.status == 503:
+            raise _RefusedError(_retry_after(reply.headers.get("Retry-After")))
+        if reply.status != 200:
+            raise FeedError(f"the change log answered HTTP {reply.status}")
+        self._health.report("registry", None)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None or not value.isdigit():
+        return None
+    return min(float(value), _MAX_DELAY)

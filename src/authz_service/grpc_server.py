@@ -1,14 +1,14 @@
 """The gRPC face of the service: Envoy's Authorization API with standard health and reflection
 (a thread-pool server), Envoy's access-log service (grpc.aio), and the admin API (grpc.aio).
 
-The Authorization handler only translates: decode -> pipeline -> encode. It never returns a gRPC
+The Authorization handler only translates: decode -> check -> encode. It never returns a gRPC
 error for a check, because Envoy would then apply ``failure_mode_allow``; every outcome,
 including a request we cannot parse and our own failures, is an explicit CheckResponse.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent import futures
@@ -17,74 +17,43 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 from envoy.service.auth.v3 import external_auth_pb2
-from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_service import envoy_codec
 from authz_service.admin.servicer import ADMIN_SERVICE, AdminServicer
 from authz_service.admin.v1 import admin_pb2_grpc
+from authz_service.core import Checker
 from authz_service.metrics import Metrics
-from authz_service.model import Decision
-from authz_service.pipeline import Pending, Pipeline
-from authz_service.reasons import Reason
 
 log = logging.getLogger(__name__)
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 ACCESS_LOG_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
-# How much longer than a check's own deadline a worker waits for the event loop's decision.
-_LOOP_BACKSTOP_SLACK = 0.05
+# gRPC's own limit on a request is set far above ours (AUTHZ_MAX_MESSAGE_BYTES), so that a
+# request over ours reaches the servicer and is denied explicitly (413), never refused with a
+# gRPC error that Envoy's failure_mode_allow could turn into an allow.
+_TRANSPORT_MAX_BYTES = 2**31 - 1
 
 
 class AuthorizationServicer:
-    """envoy.service.auth.v3.Authorization, on gRPC's thread-pool server.
-
-    A worker thread decides every check whose answer is in memory (the keys file, a cache hit,
-    the snapshot) by itself. Only a check that must ask the registry is handed to the event
-    loop, and the worker waits for its decision. It takes the raw request bytes so that parsing
-    them is inside our fail-closed handling rather than in gRPC's, which would answer with an
-    error.
-    """
+    """envoy.service.auth.v3.Authorization, on gRPC's thread-pool server: decode -> check ->
+    encode, on the worker thread that received the call. It takes the raw request bytes, so
+    that reading them (too large, unparsable) is inside the check's fail-closed handling
+    rather than in gRPC's, which would answer with an error."""
 
     def __init__(
-        self, pipeline: Pipeline, encoder: envoy_codec.Encoder, loop: asyncio.AbstractEventLoop
+        self, checker: Checker, encoder: envoy_codec.Encoder, max_message_bytes: int
     ) -> None:
-        self._pipeline = pipeline
+        self._checker = checker
         self._encoder = encoder
-        self._loop = loop
+        self._max_bytes = max_message_bytes
 
     def check(self, raw: bytes, context: grpc.ServicerContext) -> CheckResponse:
-        try:
-            request = envoy_codec.decode(CheckRequest.FromString(raw))
-        except Exception:
-            log.exception(
-                "undecodable CheckRequest; denying",
-                extra={"fields": {"event": "decode_error", "bytes": len(raw)}},
-            )
-            return self._encoder.encode(Decision.deny(Reason.INTERNAL_ERROR))
-        outcome = self._pipeline.check_now(request)
-        if isinstance(outcome, Pending):
-            outcome = self._finish_on_loop(outcome, context.time_remaining())
-        return self._encoder.encode(outcome)
-
-    def _finish_on_loop(self, pending: Pending, time_remaining: float | None) -> Decision:
-        """Await the registry on the event loop. The pipeline keeps the check's deadline and
-        never raises; the wait here is only a backstop should the loop be stuck or closed."""
-        future = asyncio.run_coroutine_threadsafe(
-            self._pipeline.finish(pending, time_remaining), self._loop
-        )
-        backstop = self._pipeline.timeout if time_remaining is None else time_remaining
-        try:
-            return future.result(timeout=backstop + _LOOP_BACKSTOP_SLACK)
-        except Exception as exc:
-            future.cancel()
-            log.error(
-                "no decision from the event loop in time; denying",
-                extra={"fields": {"event": "loop_backstop", "error": type(exc).__name__}},
-            )
-            return Decision.deny(Reason.DEADLINE_EXCEEDED)
+        request = envoy_codec.decode(raw, self._max_bytes)
+        return self._encoder.encode(self._checker.check(request, context.time_remaining()))
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, CheckResponse]]:
         return {
@@ -96,15 +65,27 @@ class AuthorizationServicer:
 
 class AccessLogServicer:
     """envoy.service.accesslog.v3.AccessLogService: Envoy's HTTP gRPC access logger streams each
-    finished request here; each is counted for its client."""
+    finished request here; each is counted for its client. With a token, a stream must carry
+    it (``authorization: Bearer <token>`` metadata, which Envoy sends through the gRPC service's
+    ``initial_metadata``), or it is refused before any entry is read."""
 
-    def __init__(self, metrics: Metrics, client_header: str | None) -> None:
+    def __init__(self, metrics: Metrics, client_header: str | None, token: str = "") -> None:
         self._metrics = metrics
         self._client_header = client_header
+        self._expected = f"Bearer {token}".encode() if token else None
 
     async def StreamAccessLogs(  # noqa: N802 (the gRPC method name)
-        self, messages: AsyncIterator[StreamAccessLogsMessage], context: object
+        self,
+        messages: AsyncIterator[StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[StreamAccessLogsMessage, StreamAccessLogsResponse],
     ) -> StreamAccessLogsResponse:
+        if self._expected is not None:
+            sent = dict(context.invocation_metadata() or ()).get("authorization", "")
+            if not hmac.compare_digest(str(sent).encode(), self._expected):
+                self._metrics.access_log_streams_refused += 1
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED, "access-log streams need the token"
+                )
         async for message in messages:
             for record in envoy_codec.decode_access_logs(message, self._client_header):
                 self._metrics.upstream(
@@ -114,10 +95,7 @@ class AccessLogServicer:
 
 
 def build_server(
-    servicer: AuthorizationServicer,
-    health_servicer: health.HealthServicer,
-    workers: int,
-    max_message_bytes: int,
+    servicer: AuthorizationServicer, health_servicer: health.HealthServicer, workers: int
 ) -> grpc.Server:
     """The check server: gRPC's thread-pool server, which costs about half the CPU per call of
     grpc.aio (see the README's Performance section)."""
@@ -126,7 +104,7 @@ def build_server(
     # pipeline (an explicit 503) and by the workers.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check"),
-        options=_options(max_message_bytes),
+        options=_options(_TRANSPORT_MAX_BYTES),
     )
     # Check is the only *registered* method (gRPC's fast path for a known method); health and
     # reflection are served as generic handlers, found by a lookup per call. (On grpc.aio, each

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from aiohttp import web
@@ -9,15 +10,19 @@ from aiohttp import web
 JSON = "application/json"
 
 
-def build_app(is_ready: Callable[[], bool], metrics: Callable[[], bytes]) -> web.Application:
+def build_app(not_ready: Callable[[], list[str]], metrics: Callable[[], bytes]) -> web.Application:
+    """``not_ready`` says, in words, what keeps the replica from serving (nothing: ready)."""
+
     async def healthz(_: web.Request) -> web.Response:
         # Liveness: the event loop answers. Readiness is a separate question.
         return web.Response(text='{"status":"ok"}', content_type=JSON)
 
     async def readyz(_: web.Request) -> web.Response:
-        if is_ready():
+        reasons = not_ready()
+        if not reasons:
             return web.Response(text='{"status":"ready"}', content_type=JSON)
-        return web.Response(status=503, text='{"status":"not_ready"}', content_type=JSON)
+        body = json.dumps({"status": "not_ready", "reasons": reasons})
+        return web.Response(status=503, text=body, content_type=JSON)
 
     async def prometheus(_: web.Request) -> web.Response:
         return web.Response(
@@ -35,10 +40,10 @@ def build_app(is_ready: Callable[[], bool], metrics: Callable[[], bytes]) -> web
 
 
 async def start(
-    address: str, is_ready: Callable[[], bool], metrics: Callable[[], bytes]
+    address: str, not_ready: Callable[[], list[str]], metrics: Callable[[], bytes]
 ) -> web.AppRunner:
     host, _, port = address.rpartition(":")
-    runner = web.AppRunner(build_app(is_ready, metrics), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(not_ready, metrics), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host.strip("[]"), int(port)).start()
     return runner

@@ -39,6 +39,7 @@ DECISION_FIELDS = frozenset(
         "host",
         "path",
         "request_id",
+        "stream_id",
         "latency_ms",
         "key_id",
         "resolution",
@@ -155,6 +156,7 @@ class BatchingHandler(logging.Handler):
         self._capacity = capacity
         self._records: collections.deque[logging.LogRecord] = collections.deque()
         self._dropped = 0
+        self.write_errors = 0  # batches lost to a failed write
         self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._writer.start()
@@ -196,28 +198,32 @@ class BatchingHandler(logging.Handler):
         self.flush()
         super().close()
 
+    @property
+    def writer_alive(self) -> bool:
+        return self._writer.is_alive()
+
     def _run(self) -> None:
+        # Never ends before close(): a failed write (stderr gone, a closed pipe) loses that
+        # batch, which is counted, and the next batch is tried.
         while not self._stopping.wait(self._interval):
             try:
                 self.flush()
-            except OSError:  # stderr gone (for instance a closed pipe): nothing left to tell
-                return
+            except Exception:
+                self.write_errors += 1
 
 
 def failure(
     logger: logging.Logger, message: str, event: str, exc: BaseException, **fields: Any
 ) -> None:
-    """Warn that a dependency failed: the event code, the error's type and a bounded detail."""
+    """Warn that a dependency failed: the event code, the error's type and, for errors whose
+    text is known to be ours or the operating system's, a bounded detail. The text of any
+    other error may quote what a dependency sent (a key echoed back, say), so it stays out."""
+    detail = (
+        str(exc)[:200] if isinstance(exc, OSError) or getattr(exc, "safe_to_log", False) else None
+    )
     logger.warning(
         message,
-        extra={
-            "fields": {
-                "event": event,
-                "error": type(exc).__name__,
-                "detail": str(exc)[:200],
-                **fields,
-            }
-        },
+        extra={"fields": {"event": event, "error": type(exc).__name__, "detail": detail, **fields}},
     )
 
 
@@ -289,7 +295,8 @@ class _DecisionRecord(logging.LogRecord):
             f'"method": {encode_basestring(request.method)}, '
             f'"host": {encode_basestring(request.host[:_MAX_FIELD_LENGTH])}, '
             f'"path": {encode_basestring(request.path[:_MAX_FIELD_LENGTH])}, '
-            f'"request_id": {encode_basestring(request.request_id[:_MAX_FIELD_LENGTH])}, '
+            f'"request_id": {_json_text(request.request_id[:_MAX_FIELD_LENGTH] or None)}, '
+            f'"stream_id": {_json_text(request.stream_id[:_MAX_FIELD_LENGTH] or None)}, '
             f'"latency_ms": {round(self._elapsed * 1000, 3)!r}, '
             f'"key_id": {_json_text(trace.key_id)}, '
             f'"resolution": {_json_text(trace.resolution)}, '
@@ -309,7 +316,8 @@ class _DecisionRecord(logging.LogRecord):
             "method": request.method,
             "host": request.host[:_MAX_FIELD_LENGTH],
             "path": request.path[:_MAX_FIELD_LENGTH],
-            "request_id": request.request_id[:_MAX_FIELD_LENGTH],
+            "request_id": request.request_id[:_MAX_FIELD_LENGTH] or None,
+            "stream_id": request.stream_id[:_MAX_FIELD_LENGTH] or None,
             "latency_ms": round(self._elapsed * 1000, 3),
             "key_id": self._trace.key_id,
             "resolution": self._trace.resolution,

@@ -2,20 +2,24 @@
 
 Labels are bounded. ``client_id`` values come only from the registry (a decision's client, or the
 dynamic metadata our own Check put on the request), never from what a client sent; past
-``client_label_cap`` distinct clients they fold into ``other``. Keys, paths and raw header values
-are never labels.
+``client_label_cap`` distinct clients they fold into ``other``. The check metrics and the
+access-log metrics keep separate label sets, so entries sent to the access-log port (which
+anyone who can reach it could forge) can never push real clients out of the check metrics.
+Keys, paths and raw header values are never labels.
 
 Per-check work is a dictionary increment and a histogram observation on plain numbers. State that
-changes elsewhere (the cache, the registry client, the breaker, the snapshot, the change feed) is
-read only when /metrics is scraped.
+changes elsewhere (the cache, the registry client, the breaker, the snapshot, the change feed,
+background tasks) is read only when /metrics is scraped, through the ``watch_*`` methods, which
+know those parts only by the small protocols below.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -26,6 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from authz_service import health
 from authz_service.model import Decision
 
 OTHER = "other"  # the client label past the cap
@@ -46,6 +51,53 @@ CHECK_BUCKETS = (
     250e-3,
     1.0,
 )
+
+
+class WaitingChecks(Protocol):
+    @property
+    def waiting(self) -> int: ...
+
+
+class CacheState(Protocol):
+    lookups: dict[str, int]
+
+    @property
+    def entries(self) -> int: ...
+
+    @property
+    def evictions(self) -> int: ...
+
+
+class RegistryClientState(Protocol):
+    outcomes: dict[str, int]
+
+    @property
+    def breaker_state(self) -> str: ...
+
+
+class SnapshotState(Protocol):
+    version: int | None
+    synced_at: float | None
+
+
+class FeedState(Protocol):
+    last_event_at: float | None
+    malformed_events: int
+    resyncs: int
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+class PolicyState(Protocol):
+    @property
+    def rules(self) -> Sized: ...
+
+
+_BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
 class ClientLabels:
@@ -101,6 +153,8 @@ class Metrics:
         # calls on the event loop: one uncontended lock keeps the counts exact.
         self._lock = threading.Lock()
         self.clients = ClientLabels(client_label_cap)
+        self.upstream_clients = ClientLabels(client_label_cap)
+        self.access_log_streams_refused = 0
         self._checks: dict[tuple[str, str, str], int] = {}
         self._check_seconds = Histogram(CHECK_BUCKETS)
         self._request_bytes: dict[str, int] = {}
@@ -177,7 +231,7 @@ class Metrics:
     ) -> None:
         status_class = f"{status // 100}xx" if 100 <= status < 600 else "unknown"
         with self._lock:
-            label = self.clients.label(client_id)
+            label = self.upstream_clients.label(client_id)
             key = (label, status_class)
             self._upstream[key] = self._upstream.get(key, 0) + 1
             self._upstream_request_bytes[label] = (
@@ -187,13 +241,114 @@ class Metrics:
                 self._upstream_response_bytes.get(label, 0) + response_bytes
             )
 
+    # --- the state of other parts, read at scrape time -----------------------------------------
+    def watch_checks(self, checks: WaitingChecks) -> None:
+        self.gauge(
+            "authz_checks_in_flight", "Checks waiting for the registry.", lambda: checks.waiting
+        )
+
+    def watch_cache(self, cache: CacheState) -> None:
+        self.counters(
+            "authz_cache_lookups", "Cache lookups by result.", "result", lambda: cache.lookups
+        )
+        self.gauge("authz_cache_entries", "Keys in the in-process cache.", lambda: cache.entries)
+        self.counter(
+            "authz_cache_evictions",
+            "Entries pushed out by the size bound.",
+            lambda: cache.evictions,
+        )
+
+    def watch_registry_client(self, client: RegistryClientState) -> None:
+        self.counters(
+            "authz_registry_calls", "Registry calls by outcome.", "outcome", lambda: client.outcomes
+        )
+        self.gauge(
+            "authz_registry_circuit_state",
+            "Registry circuit breaker: 0 closed, 1 open, 2 half-open.",
+            lambda: _BREAKER_STATES[client.breaker_state],
+        )
+
+    def watch_snapshot(self, snapshot: SnapshotState) -> None:
+        self.gauge(
+            "authz_snapshot_version",
+            "Change-log version of the registry copy.",
+            lambda: snapshot.version,
+        )
+        self.gauge(
+            "authz_snapshot_age_seconds",
+            "Seconds since the copy last synced.",
+            lambda: None if snapshot.synced_at is None else time.time() - snapshot.synced_at,
+        )
+
+    def watch_feed(self, feed: FeedState) -> None:
+        self.gauge(
+            "authz_feed_connected",
+            "1 while the registry change stream is connected.",
+            lambda: 1 if feed.connected else 0,
+        )
+        self.counters(
+            "authz_feed_mode",
+            "How the registry's changes are followed now (1 for the current mode): streaming, "
+            "polling (the stream is refused or down) or connecting.",
+            "mode",
+            lambda: {
+                mode: int(feed.mode == mode) for mode in ("streaming", "polling", "connecting")
+            },
+            kind="gauge",
+        )
+        self.gauge(
+            "authz_feed_last_event_age_seconds",
+            "Seconds since the last change-feed event.",
+            lambda: None if feed.last_event_at is None else time.time() - feed.last_event_at,
+        )
+        self.counter(
+            "authz_feed_malformed_events",
+            "Change events that could not be read (each one triggers a resync).",
+            lambda: feed.malformed_events,
+        )
+        self.counter(
+            "authz_feed_resyncs", "Times the feed's consumer started afresh.", lambda: feed.resyncs
+        )
+
+    def watch_policy(self, policy: Callable[[], PolicyState]) -> None:
+        self.gauge(
+            "authz_policy_rules", "Rules in the policy file in force.", lambda: len(policy().rules)
+        )
+
+    def watch_health(self, problems: Callable[[], Mapping[str, str]]) -> None:
+        self.counters(
+            "authz_problem",
+            "1 for each component with a problem that keeps this replica unready.",
+            "component",
+            lambda: dict.fromkeys(problems(), 1),
+            kind="gauge",
+        )
+        self.counters(
+            "authz_background_task_restarts",
+            "Restarts of a background task after it failed.",
+            "task",
+            lambda: {name: state.restarts for name, state in health.TASKS.items()},
+        )
+        self.counters(
+            "authz_background_task_up",
+            "1 while a background task runs.",
+            "task",
+            lambda: {name: int(state.running) for name, state in health.TASKS.items()},
+            kind="gauge",
+        )
+        self.counter(
+            "authz_access_log_streams_refused",
+            "Access-log streams refused for want of the AUTHZ_ACCESS_LOG_TOKEN.",
+            lambda: self.access_log_streams_refused,
+        )
+
     def gauge(self, name: str, documentation: str, read: Callable[[], float | None]) -> None:
         """A gauge read at scrape time (absent while ``read`` returns None)."""
         self._state.gauges.append((name, documentation, read))
 
     def counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A counter kept elsewhere and read at scrape time."""
-        self._state.counters.append((name, documentation, (), lambda: {(): read()}))
+        self._state.counters.append((name, documentation, (), lambda: {(): read()}, "counter"))
 
     def counters(
         self,
@@ -201,10 +356,12 @@ class Metrics:
         documentation: str,
         labels: tuple[str, ...] | str,
         read: Callable[[], Mapping[Any, float]],
+        kind: str = "counter",
     ) -> None:
-        """A labelled counter kept elsewhere (keys: label values) and read at scrape time."""
+        """A labelled counter (or gauge) kept elsewhere (keys: label values), read at scrape
+        time."""
         names = (labels,) if isinstance(labels, str) else labels
-        self._state.counters.append((name, documentation, names, read))
+        self._state.counters.append((name, documentation, names, read, kind))
 
     def histogram(self, name: str, documentation: str, histogram: Histogram) -> None:
         self._state.histograms.append((name, documentation, histogram))
@@ -217,7 +374,7 @@ class _StateCollector:
     def __init__(self) -> None:
         self.gauges: list[tuple[str, str, Callable[[], float | None]]] = []
         self.counters: list[
-            tuple[str, str, tuple[str, ...], Callable[[], Mapping[Any, float]]]
+            tuple[str, str, tuple[str, ...], Callable[[], Mapping[Any, float]], str]
         ] = []
         self.histograms: list[tuple[str, str, Histogram]] = []
 
@@ -229,8 +386,12 @@ class _StateCollector:
             value = read()
             if value is not None:
                 yield GaugeMetricFamily(name, documentation, value=value)
-        for name, documentation, labels, read_all in self.counters:
-            family = CounterMetricFamily(name, documentation, labels=list(labels))
+        for name, documentation, labels, read_all, kind in self.counters:
+            family: CounterMetricFamily | GaugeMetricFamily = (
+                CounterMetricFamily(name, documentation, labels=list(labels))
+                if kind == "counter"
+                else GaugeMetricFamily(name, documentation, labels=list(labels))
+            )
             for values, count in list(read_all().items()):
                 family.add_metric(_label_values(values, len(labels)), count)
             yield family

@@ -2,53 +2,96 @@
 
 The ones made on every check (Request, Credential, Decision) are NamedTuples: as immutable as
 frozen dataclasses, and three to four times cheaper to build, which the per-check CPU budget
-notices. Client and Trace are dataclasses (Client is built per registry answer, Trace is
-filled in as a check proceeds).
+notices. Client is a dataclass, built once per client and shared; Trace is filled in as a check
+proceeds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from authz_service.reasons import Reason
+
+REDACTED = "[redacted]"
 
 Route = tuple[tuple[str, str], ...]
 
 
 class Request(NamedTuple):
-    """What the pipeline needs from one CheckRequest."""
+    """What the check needs from one request to authorize, whichever transport brought it."""
 
     is_http: bool
     authorization: tuple[str, ...] = ()  # every Authorization value, as received
     method: str = ""
     host: str = ""
     path: str = ""  # without query string or fragment
-    request_id: str = ""
+    request_id: str = ""  # x-request-id when Envoy sends it (joins Envoy's access log)
     size: int = 0  # request body bytes, when Envoy reports them
     route: Route = ()  # the route's own requirements (Envoy's context_extensions), sorted
+    stream_id: str = ""  # Envoy's own id of the request (the CheckRequest's http.id)
+    traceparent: str = ""  # W3C trace context of the caller, when sent
+    tracestate: str = ""
+    # Set by a transport that could not read the request (unparsable, too large): the check is
+    # then denied with this reason, and still logged and counted like any other.
+    problem: Reason | None = None
+
+
+class ApiKey:
+    """An API key as presented. Every text form of it is "[redacted]": a key handed to a log
+    call, an f-string or a serialiser by mistake never shows. ``reveal()`` gives the key, for
+    the one place that must send it on (the registry's validation endpoint)."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def reveal(self) -> str:
+        return self._text
+
+    def __repr__(self) -> str:
+        return f"ApiKey({REDACTED})"
+
+    def __str__(self) -> str:
+        return REDACTED
+
+    def __format__(self, spec: str) -> str:
+        return REDACTED
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("an API key cannot be serialised")
 
 
 class Credential(NamedTuple):
-    """An API key taken from a request. The key itself never appears in a repr or a log."""
+    """An API key taken from a request."""
 
-    key: str
-    key_hash: str  # hex SHA-256 of the key: the only form that is stored or cached
+    key: ApiKey
+    digest: bytes  # the key's SHA-256: the only form in which keys are stored or cached
+    key_id: str  # the first 12 hex digits of the digest: names the key in logs; not secret
 
-    def __repr__(self) -> str:
-        return f"Credential(key=<redacted>, key_hash={self.key_hash[:12]}...)"
+    @property
+    def key_hash(self) -> str:
+        """The digest in hex, as the registry contract writes it."""
+        return self.digest.hex()
+
+
+class RateLimit(NamedTuple):
+    """A client's rate limit, as the registry sets it."""
+
+    requests_per_unit: int
+    unit: str  # second, minute, hour or day
 
 
 @dataclass(frozen=True, slots=True)
 class Client:
-    """A registered API client, as the registry describes it for the key that was presented."""
+    """A registered API client, as the registry describes it. Made once per client and shared
+    by all of its keys."""
 
     client_id: str
     name: str
     roles: tuple[str, ...] = ()
-    # When the presented key stops validating (Unix time), if the registry said: the end of a
-    # regeneration grace period. Not part of the identity: equal clients compare equal.
-    valid_until: float | None = field(default=None, compare=False)
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(slots=True)

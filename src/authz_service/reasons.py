@@ -25,6 +25,9 @@ class Reason(StrEnum):
     AMBIGUOUS_PATH = "ambiguous_path"
     INVALID_ROUTE_POLICY = "invalid_route_policy"
     NON_HTTP_REQUEST = "non_http_request"
+    REQUEST_UNPARSABLE = "request_unparsable"
+    REQUEST_TOO_LARGE = "request_too_large"
+    RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
     REGISTRY_BUSY = "registry_busy"
@@ -45,6 +48,8 @@ OK = Status(http=200, rpc_code=0, error="")
 BAD_REQUEST = Status(http=400, rpc_code=3, error="bad_request")  # INVALID_ARGUMENT
 UNAUTHORIZED = Status(http=401, rpc_code=16, error="unauthorized")  # UNAUTHENTICATED
 FORBIDDEN = Status(http=403, rpc_code=7, error="forbidden")  # PERMISSION_DENIED
+TOO_LARGE = Status(http=413, rpc_code=8, error="payload_too_large")  # RESOURCE_EXHAUSTED
+TOO_MANY = Status(http=429, rpc_code=8, error="too_many_requests")  # RESOURCE_EXHAUSTED
 UNAVAILABLE = Status(http=503, rpc_code=14, error="unavailable")  # UNAVAILABLE
 
 
@@ -81,6 +86,11 @@ OUTCOMES: dict[Reason, Outcome] = {
         FORBIDDEN, "This route's access requirements are invalid; no request can be allowed."
     ),
     Reason.NON_HTTP_REQUEST: Outcome(FORBIDDEN, "Only HTTP requests can be authorized by API key."),
+    Reason.REQUEST_UNPARSABLE: Outcome(
+        BAD_REQUEST, "The request could not be read for authorization."
+    ),
+    Reason.REQUEST_TOO_LARGE: Outcome(TOO_LARGE, "The request is too large to be authorized."),
+    Reason.RATE_LIMITED: Outcome(TOO_MANY, "This client has sent too many requests; retry later."),
     Reason.OVERLOADED: Outcome(
         UNAVAILABLE, "Too many authorization checks are in progress; retry later."
     ),

@@ -1,20 +1,24 @@
-"""Key -> client through the cache, in front of a registry backend. Implements ``Registry``, so
-the pipeline cannot tell it from the backend it wraps.
+"""Key -> client through a cache, in front of the registry's validation endpoint. Implements
+``Registry``, so the check cannot tell it from a source that holds every key in memory.
 
-- Hits are answered without waiting (``lookup_now``), negative answers too (shorter TTL).
-- Misses make one registry call per key however many checks wait for it (single-flight); the
-  call runs on its own, so a check that gives up does not cancel it for the others.
+- A fresh answer in the cache is returned at once, from any thread; negative answers too (with
+  a shorter TTL). For any other key, ``lookup`` returns a coroutine that asks the registry, which
+  the check awaits on the event loop.
+- One registry call per key however many checks wait for it (single-flight). The call runs on
+  its own, so a check that gives up does not cancel it for the others.
 - A hit late in its TTL starts a background refresh (stale-while-revalidate).
 - When the registry fails, a previously valid key keeps working until ``max_stale`` after its
   TTL (stale-if-error); unknown keys and everything past ``max_stale`` are denied (503).
-- A registry answer (revoked, unknown, suspended, ...) always replaces what was cached; errors
-  are never cached.
+- Every answer is judged against the change feed before it is cached or served
+  (``changes.RecentChanges``): an answer older than a change to its key or client never is, and
+  a "valid" never overrides a revocation or suspension the feed reported.
 - Lookups of keys the cache has never seen are rate-limited, so a flood of random keys cannot
   become a flood of registry calls.
 - With a shared tier (Redis), a miss asks it before the registry and every registry answer is
   written to it, so a fleet makes one registry call per key per TTL.
 
-Entries are keyed by the SHA-256 of the key, never the key.
+Entries are keyed by the SHA-256 digest of the key, never the key, and each client is held once
+however many of its keys are cached.
 """
 
 from __future__ import annotations
@@ -25,19 +29,33 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from authz_service.cache import Entry, TtlCache
+from authz_service.changes import STALE, RecentChanges
+from authz_service.contract import Answer, Change
 from authz_service.model import Client, Credential
-from authz_service.reasons import Reason
-from authz_service.registry import Registry, RegistryBusyError
+from authz_service.registry import Known, Lookup, RegistryBusyError, RegistryError
 from authz_service.shared_cache import SharedCache
 
 log = logging.getLogger(__name__)
 
-Answer = Client | Reason
+_ASKS = 3  # registry calls for one lookup while its answers keep predating changes
+
+
+class Verifier(Protocol):
+    """The registry's validation endpoint (``registry.http.HttpRegistry``)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def verify(self, credential: Credential) -> Answer: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +71,8 @@ class ResolverSettings:
 
 
 class TokenBucket:
+    """``rate`` tokens a second, up to ``burst``. Not locked: used on the event loop only."""
+
     def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self._rate, self._burst, self._clock = rate, burst, clock
         self._tokens = float(burst)
@@ -71,47 +91,38 @@ class TokenBucket:
 class CachingResolver:
     def __init__(
         self,
-        backend: Registry,
+        backend: Verifier,
         settings: ResolverSettings,
+        loop: asyncio.AbstractEventLoop,
+        changes: RecentChanges,
+        *,
+        shared: SharedCache | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
-        shared: SharedCache | None = None,
     ) -> None:
-        self._backend = backend
-        self._shared = shared
-        self._background: set[asyncio.Task[None]] = set()
+        """``loop`` is where registry calls and background refreshes run."""
+        self.backend = backend
         self._settings = settings
+        self._loop = loop
+        self._changes = changes
+        self._shared = shared
         self._clock = clock
         self._rand = rand
-        self._cache: TtlCache[str, Answer] = TtlCache(settings.max_entries)
-        self._inflight: dict[str, asyncio.Task[Answer]] = {}
+        self._cache: TtlCache[bytes, Known] = TtlCache(settings.max_entries)
+        self._clients: dict[str, Client] = {}  # one object per client, shared by its keys
+        self._inflight: dict[bytes, asyncio.Task[Known]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._cold = TokenBucket(
             settings.cold_lookups_per_second, settings.cold_lookup_burst, clock
         )
-        # Read by /metrics at scrape time. Counted under a lock: lookup_now runs on the check
+        # Read by /metrics at scrape time; counted under a lock, as lookup runs on the check
         # server's worker threads.
         self.lookups = {"hit": 0, "negative_hit": 0, "miss": 0, "stale_served": 0}
         self._count_lock = threading.Lock()
-        # Where registry calls run; known once the first one is made (before any entry exists).
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def ready(self) -> bool:
-        return self._backend.ready
-
-    async def start(self) -> None:
-        await self._backend.start()
-
-    async def close(self) -> None:
-        for task in [*self._inflight.values(), *self._background]:
-            task.cancel()
-        await self._backend.close()
-        if self._shared is not None:
-            await self._shared.close()
-
-    @property
-    def backend(self) -> Registry:
-        return self._backend
+        return self.backend.ready
 
     @property
     def entries(self) -> int:
@@ -121,128 +132,180 @@ class CachingResolver:
     def evictions(self) -> int:
         return self._cache.evictions
 
-    def lookup_now(self, credential: Credential) -> Answer | None:
-        """The cached answer, if fresh; from any thread."""
-        entry = self._cache.get(credential.key_hash)
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        for task in [*self._inflight.values(), *self._background]:
+            task.cancel()
+        await self.backend.close()
+        if self._shared is not None:
+            await self._shared.close()
+
+    def lookup(self, credential: Credential) -> Lookup:
+        """The cached answer if it is fresh; else a coroutine that asks for it. Any thread."""
+        entry = self._cache.get(credential.digest)
         now = self._clock()
-        if entry is None or now >= entry.fresh_until:
-            self._count("miss")
-            return None
-        positive = isinstance(entry.value, Client)
-        self._count("hit" if positive else "negative_hit")
-        refresh_at = entry.stored_at + (entry.fresh_until - entry.stored_at) * (
-            self._settings.refresh_ahead
-        )
-        if positive and now >= refresh_at and self._loop is not None:
-            # Stale-while-revalidate: this check uses the fresh entry; the refresh runs on the
-            # event loop (this may be a worker thread).
-            self._loop.call_soon_threadsafe(self._fetch, credential)
-        return entry.value
-
-    def _count(self, result: str) -> None:
-        with self._count_lock:
-            self.lookups[result] += 1
-
-    async def lookup(self, credential: Credential) -> Answer:
-        task = self._inflight.get(credential.key_hash)
-        if task is None:
-            if self._cache.get(credential.key_hash) is None and not self._cold.take():
-                raise RegistryBusyError("lookups of uncached keys over the rate limit")
-            task = self._fetch(credential)
-        # shield: a check that gives up (its deadline) must not cancel the call for the others
-        return await asyncio.shield(task)
+        if entry is not None and now < entry.fresh_until:
+            answer = entry.value
+            if not isinstance(answer, Client):
+                self._count("negative_hit")
+                return answer
+            if not self._changes.changed_since(entry.tag, answer.client_id):
+                self._count("hit")
+                if now >= entry.refresh_at:
+                    entry.refresh_at = float("inf")  # one refresh, however many hits see it
+                    self._loop.call_soon_threadsafe(self._refresh, credential)
+                return answer
+        self._count("miss")
+        return self._resolve(credential)
 
     def find_client(self, client_id: str) -> Client | None:
-        cached = (v for v in self._cache.values() if isinstance(v, Client))
-        found = next((c for c in cached if c.client_id == client_id), None)
-        return found or self._backend.find_client(client_id)
+        return self._clients.get(client_id)
 
-    def apply_change(self, change: Mapping[str, Any]) -> None:
-        """Evict what a registry change makes stale: the key, and every key of its client."""
-        client_id = change.get("client_id")
-        if client_id is None and isinstance(change.get("entry"), dict):
-            client_id = change["entry"].get("client", {}).get("client_id")
-        self.evict(str(change.get("key_hash")), None if client_id is None else str(client_id))
-
-    def evict(self, key_hash: str | None, client_id: str | None) -> int:
-        """Forget a key's answer and every cached key of a client; return the entries dropped
-        from this process (shared entries of the key are deleted too)."""
+    def invalidate(self, digest: bytes | None, client_id: str | None) -> int:
+        """Forget a key's answer (here and in the shared tier) and every cached key of a
+        client; return the entries dropped from this process."""
         dropped = 0
-        if key_hash is not None:
-            dropped += self._cache.pop(key_hash) is not None
-            if self._shared is not None:  # every replica gets the event; deleting twice is fine
-                self._in_background(self._shared.delete(key_hash))
+        if digest is not None:
+            dropped += self._cache.pop(digest) is not None
+            if self._shared is not None:  # every replica gets the change; deleting twice is fine
+                self._in_background(self._shared.delete(digest))
         if client_id is not None:
             dropped += self._cache.pop_where(
                 lambda v: isinstance(v, Client) and v.client_id == client_id
             )
         return dropped
 
-    def clear(self) -> None:
-        """Forget everything (for instance after missing changes)."""
-        self._cache.pop_where(lambda _: True)
+    # --- the change feed (ChangeConsumer) -----------------------------------------------------
+    def apply(self, change: Change) -> None:
+        """A change evicts its key at once; the client's other keys are dropped lazily, on their
+        next hit (``changed_since``), so that a client with many keys costs no scan."""
+        self._changes.record(change)
+        self.invalidate(change.digest, None)
 
-    def _fetch(self, credential: Credential) -> asyncio.Task[Answer]:
-        """Start (or join) the registry call for a key; on the event loop only."""
-        task = self._inflight.get(credential.key_hash)
+    async def resync(self) -> None:
+        """Changes may have been missed: forget every answer."""
+        self._cache.clear()
+
+    # --- on the event loop ---------------------------------------------------------------------
+    async def _resolve(self, credential: Credential) -> Known:
+        digest = credential.digest
+        task = self._inflight.get(digest)
         if task is None:
-            self._loop = asyncio.get_running_loop()
-            task = self._loop.create_task(self._call(credential))
-            self._inflight[credential.key_hash] = task
-            task.add_done_callback(_retrieve_exception)
+            # Looked again here: the answer may have arrived since the caller looked.
+            entry = self._cache.get(digest)
+            if entry is not None and self._clock() < entry.fresh_until:
+                answer = entry.value
+                if not isinstance(answer, Client) or not self._changes.changed_since(
+                    entry.tag, answer.client_id
+                ):
+                    return answer
+            if entry is None and not self._cold.take():
+                raise RegistryBusyError("lookups of uncached keys over the rate limit")
+            task = self._start(credential)
+        # shield: a check that gives up (its deadline) must not cancel the call for the others
+        return await asyncio.shield(task)
+
+    def _refresh(self, credential: Credential) -> None:
+        if credential.digest not in self._inflight:
+            self._start(credential)
+
+    def _start(self, credential: Credential) -> asyncio.Task[Known]:
+        task = self._loop.create_task(self._fetch(credential))
+        self._inflight[credential.digest] = task
+        task.add_done_callback(_retrieve_exception)
         return task
 
-    async def _call(self, credential: Credential) -> Answer:
-        key_hash = credential.key_hash
+    async def _fetch(self, credential: Credential) -> Known:
+        """The one call for a key: its answer is stored before it stops being in flight, so a
+        lookup arriving in between finds one or the other, never neither."""
+        digest = credential.digest
         try:
-            if self._shared is not None:
-                shared = await self._shared.get(key_hash)
-                if shared is not None:  # another replica asked the registry already
-                    answer, remaining = shared
-                    self._store(key_hash, answer, remaining)
-                    return answer
-            answer = await self._backend.lookup(credential)
+            answer, ttl = await self._ask(credential)
         except Exception:
-            entry = self._cache.get(key_hash)
+            entry = self._cache.get(digest)
             if (
                 entry is not None
                 and isinstance(entry.value, Client)
-                and (self._clock() < entry.stale_until)
+                and self._clock() < entry.stale_until
+                and not self._changes.changed_since(entry.tag, entry.value.client_id)
             ):
                 self._count("stale_served")
                 return entry.value
             raise
+        else:
+            return self._store(digest, answer, ttl)
         finally:
-            self._inflight.pop(key_hash, None)
-        ttl = self._store(key_hash, answer)
-        if self._shared is not None:
-            self._in_background(self._shared.set(key_hash, answer, ttl))
-        return answer
+            del self._inflight[digest]
 
-    def _store(self, key_hash: str, answer: Answer, ttl: float | None = None) -> float:
-        """Cache ``answer`` for ``ttl`` seconds (default: the configured TTL, jittered)."""
-        positive = isinstance(answer, Client)
+    async def _ask(self, credential: Credential) -> tuple[Answer, float | None]:
+        """An answer no change has overtaken, with the seconds it may stay fresh (None: our
+        TTL): from the shared tier if it has one, else from the registry."""
+        shared = self._shared
+        for _ in range(_ASKS):
+            mark = self._changes.mark()
+            if shared is not None:
+                found = await shared.get(credential.digest)
+                if found is not None:
+                    judged = self._changes.judge(credential.digest, found[0], mark)
+                    if judged is not STALE:
+                        return judged, found[1]
+            answer = await self.backend.verify(credential)
+            judged = self._changes.judge(credential.digest, answer, mark)
+            if judged is STALE:
+                continue
+            if shared is not None and judged is answer:
+                self._in_background(shared.set(credential.digest, answer, self._ttl(answer)))
+            return judged, None
+        raise RegistryError("the registry's answers keep predating its change feed")
+
+    def _ttl(self, answer: Answer) -> float:
+        positive = isinstance(answer.result, Client)
+        ttl = self._settings.positive_ttl if positive else self._settings.negative_ttl
+        return ttl * (1 + self._settings.jitter * (2 * self._rand() - 1))
+
+    def _store(self, digest: bytes, answer: Answer, ttl: float | None) -> Known:
+        """Cache an answer (for ``ttl`` seconds, default our own TTL); return what to serve."""
+        result = answer.result
         if ttl is None:
-            ttl = self._settings.positive_ttl if positive else self._settings.negative_ttl
-            ttl *= 1 + self._settings.jitter * (2 * self._rand() - 1)
+            ttl = self._ttl(answer)
         now = self._clock()
         fresh_until = now + ttl
-        stale_until = fresh_until + (self._settings.max_stale if positive else 0)
-        if isinstance(answer, Client) and answer.valid_until is not None:
-            # Neither the TTL nor an outage may stretch a key past its end (a grace period).
-            end = now + answer.valid_until - time.time()
-            fresh_until, stale_until = min(fresh_until, end), min(stale_until, end)
-            ttl = fresh_until - now
-        self._cache.put(key_hash, Entry(answer, now, fresh_until, stale_until))
-        return ttl
+        stale_until = fresh_until
+        if isinstance(result, Client):
+            result = self._intern(result)
+            stale_until += self._settings.max_stale
+            if answer.valid_until is not None:
+                # Neither the TTL nor an outage may stretch a key past its end (a grace period).
+                end = now + answer.valid_until - time.time()
+                fresh_until, stale_until = min(fresh_until, end), min(stale_until, end)
+        refresh_at = now + (fresh_until - now) * self._settings.refresh_ahead
+        self._cache.put(
+            digest, Entry(result, fresh_until, stale_until, refresh_at, self._changes.mark())
+        )
+        return result
+
+    def _intern(self, client: Client) -> Client:
+        known = self._clients.get(client.client_id)
+        if known == client:
+            return known
+        if len(self._clients) >= self._settings.max_entries:
+            self._clients.clear()  # bounded; clients are interned again as they are seen
+        self._clients[client.client_id] = client
+        return client
+
+    def _count(self, result: str) -> None:
+        with self._count_lock:
+            self.lookups[result] += 1
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        task = self._loop.create_task(work)
         self._background.add(task)  # keep a reference until it is done
         task.add_done_callback(self._background.discard)
 
 
-def _retrieve_exception(task: asyncio.Task[Answer]) -> None:
+def _retrieve_exception(task: asyncio.Task[Known]) -> None:
     # The callers may all have given up; the outcome is still consumed so that asyncio does not
     # report it as never retrieved.
     if not task.cancelled():

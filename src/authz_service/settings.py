@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from authz_service.apikeys import PREFIX_PATTERN
 from authz_service.config import SettingsError, address, between
 from authz_service.config import describe as describe_settings
 from authz_service.config import load as load_settings
@@ -45,6 +46,10 @@ def _path_prefix(value: str) -> str | None:
     return None if ok else "empty, or a path starting with '/' and not ending with '/'"
 
 
+def _key_prefix(value: str) -> str | None:
+    return None if PREFIX_PATTERN.fullmatch(value) else f"expected {PREFIX_PATTERN.pattern}"
+
+
 def _realm(value: str) -> str | None:
     ok = 0 < len(value) <= 64 and value.isascii() and value.isprintable()
     return None if ok else "1-64 printable ASCII characters"
@@ -60,7 +65,7 @@ class Settings:
     )
     http_address: str = _setting(
         "0.0.0.0:9090",
-        "HTTP listen address for /healthz and /readyz: host:port",
+        "HTTP listen address for /healthz, /readyz and /metrics: host:port",
         address(unix_ok=False),
     )
     grpc_workers: int = _setting(
@@ -214,8 +219,16 @@ class Settings:
     max_key_length: int = _setting(
         128, "longest API key accepted, in characters", between(16, 4096)
     )
+    key_prefix: str = _setting(
+        "azk",
+        "prefix of keys in the checksummed format (the registry's REGISTRY_KEY_PREFIX): a key "
+        "of that shape whose checksum is wrong is refused without any lookup",
+        _key_prefix,
+    )
     require_key_checksum: bool = _setting(
-        False, "deny keys that are not in the checksummed azk_ format without any lookup"
+        False,
+        "refuse every key that is not in the checksummed format with AUTHZ_KEY_PREFIX, without "
+        "any lookup",
     )
     non_http_requests: Literal["deny", "allow"] = _setting(
         "deny", "answer to checks without HTTP attributes (Envoy's network/TCP ext_authz)"

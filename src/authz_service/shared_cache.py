@@ -8,20 +8,18 @@ expiry (wall clock), so every replica honours the same TTL.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from authz_service import logs
+from authz_service import contract, logs
 from authz_service.breaker import CircuitBreaker
-from authz_service.model import Client
-from authz_service.reasons import Reason
+from authz_service.contract import Answer
 
 log = logging.getLogger(__name__)
-
-Answer = Client | Reason
 
 
 class SharedCache:
@@ -47,25 +45,16 @@ class SharedCache:
         )
         self._breaker = breaker
 
-    async def get(self, key_hash: str) -> tuple[Answer, float] | None:
+    async def get(self, digest: bytes) -> tuple[Answer, float] | None:
         """The shared answer and the seconds it stays fresh, or None."""
-        text = await self._guarded("get", key_hash)
+        text = await self._guarded("get", digest.hex())
         if not isinstance(text, str):
             return None
         try:
             entry = json.loads(text)
             remaining = float(entry["until"]) - time.time()
-            if "reason" in entry:
-                answer: Answer = Reason(entry["reason"])
-            else:
-                client_id, name, roles, valid_until = entry["client"]
-                answer = Client(
-                    str(client_id),
-                    str(name),
-                    tuple(str(r) for r in roles),
-                    None if valid_until is None else float(valid_until),
-                )
-        except (ValueError, KeyError, TypeError):
+            answer = contract.parse_answer(entry["answer"])
+        except (ValueError, KeyError, TypeError, RecursionError):  # ContractError is a ValueError
             log.warning(
                 "unreadable shared cache entry ignored",
                 extra={"fields": {"event": "shared_cache_invalid"}},
@@ -73,22 +62,21 @@ class SharedCache:
             return None
         return (answer, remaining) if remaining > 0 else None
 
-    async def set(self, key_hash: str, answer: Answer, ttl: float) -> None:
-        if isinstance(answer, Client):
-            body: dict[str, Any] = {
-                "client": [answer.client_id, answer.name, list(answer.roles), answer.valid_until]
-            }
-        else:
-            body = {"reason": answer.value}
-        body["until"] = time.time() + ttl
+    async def set(self, digest: bytes, answer: Answer, ttl: float) -> None:
+        """Share an answer (in the contract's own form, with the version it reflects)."""
+        body = {"answer": contract.answer_document(answer), "until": time.time() + ttl}
         # SET ... EX through aiocache's raw passthrough: its own set() uses SETEX, which
         # redis-py 5+ deprecates.
         await self._guarded(
-            "raw", "set", self._cache.build_key(key_hash), json.dumps(body), ex=max(1, round(ttl))
+            "raw",
+            "set",
+            self._cache.build_key(digest.hex()),
+            json.dumps(body),
+            ex=max(1, round(ttl)),
         )
 
-    async def delete(self, key_hash: str) -> None:
-        await self._guarded("delete", key_hash)
+    async def delete(self, digest: bytes) -> None:
+        await self._guarded("delete", digest.hex())
 
     async def close(self) -> None:
         await self._cache.client.aclose()  # aiocache's close() calls the deprecated close()
@@ -98,6 +86,9 @@ class SharedCache:
             return None
         try:
             result = await getattr(self._cache, operation)(*args, **kwargs)
+        except asyncio.CancelledError:
+            self._breaker.abandoned()
+            raise
         except Exception as exc:  # any Redis trouble degrades to the in-process tier
             self._breaker.failed()
             logs.failure(

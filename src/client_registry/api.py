@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from authz_service.registry.static_file import ROLE_PATTERN
+from authz_service.contract import ROLE_PATTERN
 from client_registry.store import (
     ACTIVE,
     SUSPENDED,

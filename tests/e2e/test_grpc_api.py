@@ -14,7 +14,7 @@ from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_service import apikeys, app
+from authz_service import app
 from authz_service.model import Client
 from authz_service.settings import Settings
 from tests.e2e import harness
@@ -157,7 +157,7 @@ def check_stub(channel: grpc.aio.Channel) -> Any:
 
 async def test_a_slow_registry_is_denied_before_envoys_deadline() -> None:
     """The answer is a 503 CheckResponse inside the caller's deadline, not a gRPC error."""
-    registry = FakeRegistry({apikeys.hash_key(KEY): Client("c", "C")}, delay=5)
+    registry = FakeRegistry({KEY: Client("c", "C")}, delay=5)
     config = settings(check_timeout=10)
     stop, task = await start(config, registry)
     try:
@@ -172,7 +172,7 @@ async def test_a_slow_registry_is_denied_before_envoys_deadline() -> None:
 
 
 async def test_unparsable_request_bytes_are_denied_not_errored() -> None:
-    """Garbage on the wire gets an explicit 503 deny, never a gRPC error for failure_mode_allow."""
+    """Garbage on the wire gets an explicit 400 deny, never a gRPC error for failure_mode_allow."""
     config = settings()
     stop, task = await start(config, FakeRegistry({}))
     try:
@@ -181,8 +181,8 @@ async def test_unparsable_request_bytes_are_denied_not_errored() -> None:
                 CHECK_PATH, response_deserializer=CheckResponse.FromString
             )
             reply = await raw(b"\xff\xff\xff\xff", timeout=5)
-        assert reply.status.code == 14
-        assert reply.denied_response.status.code == 503
+        assert reply.status.message == "request_unparsable"
+        assert reply.denied_response.status.code == 400
     finally:
         stop.set()
         await task
@@ -190,7 +190,7 @@ async def test_unparsable_request_bytes_are_denied_not_errored() -> None:
 
 async def test_shutdown_reports_not_serving_then_finishes_in_flight_checks() -> None:
     """On stop: NOT_SERVING and /readyz 503 during the drain; the in-flight check completes."""
-    registry = FakeRegistry({apikeys.hash_key(KEY): Client("c", "C")}, delay=0.6)
+    registry = FakeRegistry({KEY: Client("c", "C")}, delay=0.6)
     config = settings(drain_delay=0.3, shutdown_grace=5, check_timeout=5)
     stop, task = await start(config, registry)
     async with grpc.aio.insecure_channel(config.grpc_address) as channel:

@@ -3,6 +3,7 @@ shared entry, and Redis being down degrades to the in-process tier, never to a d
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -13,12 +14,15 @@ import pytest
 
 from authz_service import apikeys
 from authz_service.breaker import CircuitBreaker
-from authz_service.model import Client, Credential
+from authz_service.changes import RecentChanges
+from authz_service.contract import Answer, Change
+from authz_service.model import ApiKey, Client, Credential
 from authz_service.reasons import Reason
+from authz_service.registry import Known
 from authz_service.resolver import CachingResolver, ResolverSettings
 from authz_service.shared_cache import SharedCache
 from tests.e2e import harness
-from tests.fakes import FakeRegistry
+from tests.fakes import FakeVerifier
 
 pytestmark = pytest.mark.e2e
 KEY = "azk_shared_key"
@@ -66,20 +70,30 @@ def redis_url() -> Iterator[str]:
 
 
 def credential(key: str = KEY) -> Credential:
-    return Credential(key=key, key_hash=apikeys.hash_key(key))
+    digest = apikeys.digest(key)
+    return Credential(ApiKey(key), digest, digest[:6].hex())
 
 
 class Replica:
-    """One authz-service replica's resolution: its own registry client and in-process cache."""
+    """One authz-service replica's resolution: its own registry client, change feed records
+    and in-process cache."""
 
     def __init__(self, redis_url: str, namespace: str) -> None:
-        self.registry = FakeRegistry({apikeys.hash_key(KEY): CLIENT})
+        self.registry = FakeVerifier({KEY: CLIENT})
         self.shared = SharedCache(
             redis_url, namespace, timeout=0.2, breaker=CircuitBreaker(2, cooldown=60)
         )
         self.resolver = CachingResolver(
-            self.registry, ResolverSettings(jitter=0), shared=self.shared
+            self.registry,
+            ResolverSettings(jitter=0),
+            asyncio.get_running_loop(),
+            RecentChanges(retention=600),
+            shared=self.shared,
         )
+
+    async def resolve(self, key: str = KEY) -> Known:
+        found = self.resolver.lookup(credential(key))
+        return found if isinstance(found, Client | Reason) else await found
 
 
 @pytest.fixture
@@ -95,8 +109,6 @@ async def replicas(
 
 async def settle() -> None:
     """Let background writes to Redis finish."""
-    import asyncio  # noqa: PLC0415
-
     for _ in range(50):
         await asyncio.sleep(0.01)
 
@@ -106,20 +118,19 @@ async def test_a_key_resolved_by_one_replica_costs_the_other_no_registry_call(
 ) -> None:
     """A fleet makes one registry call per key per TTL, not one per replica."""
     first, second = replicas
-    assert await first.resolver.lookup(credential()) == CLIENT
+    assert await first.resolve() == CLIENT
     await settle()
-    assert await second.resolver.lookup(credential()) == CLIENT
-    assert (first.registry.lookups, second.registry.lookups) == (1, 0)
+    assert await second.resolve() == CLIENT
+    assert (first.registry.calls, second.registry.calls) == (1, 0)
 
 
 async def test_negative_answers_are_shared_too(replicas: tuple[Replica, Replica]) -> None:
     """An unknown key asked on one replica is known unknown on the other."""
     first, second = replicas
-    unknown = credential("azk_unknown_shared")
-    assert await first.resolver.lookup(unknown) is Reason.UNKNOWN_KEY
+    assert await first.resolve("azk_unknown_shared") is Reason.UNKNOWN_KEY
     await settle()
-    assert await second.resolver.lookup(unknown) is Reason.UNKNOWN_KEY
-    assert second.registry.lookups == 0
+    assert await second.resolve("azk_unknown_shared") is Reason.UNKNOWN_KEY
+    assert second.registry.calls == 0
 
 
 async def test_a_registry_change_removes_the_shared_entry(
@@ -127,29 +138,45 @@ async def test_a_registry_change_removes_the_shared_entry(
 ) -> None:
     """After a revocation event, no replica can refill its cache from Redis."""
     first, second = replicas
-    await first.resolver.lookup(credential())
+    await first.resolve()
     await settle()
-    first.resolver.apply_change(
-        {"op": "delete", "key_hash": apikeys.hash_key(KEY), "client_id": "c-1"}
-    )
+    first.resolver.apply(revocation(version=8))
     await settle()
-    second.registry.answers[apikeys.hash_key(KEY)] = Reason.KEY_REVOKED
-    assert await second.resolver.lookup(credential()) is Reason.KEY_REVOKED
-    assert second.registry.lookups == 1
+    second.registry.answers[apikeys.digest(KEY)] = Answer(Reason.KEY_REVOKED)
+    assert await second.resolve() is Reason.KEY_REVOKED
+    assert second.registry.calls == 1
+
+
+async def test_a_stale_shared_answer_never_readmits_a_key_its_reader_saw_revoked(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    """A replica that had not seen the revocation yet wrote "valid" (version 5) to Redis; a
+    replica that has seen it (version 8) does not take that answer, and asks the registry."""
+    first, second = replicas
+    first.registry.answers[apikeys.digest(KEY)] = Answer(CLIENT, version=5)
+    await first.resolve()
+    await settle()
+    second.resolver.apply(revocation(version=8))  # the feed reached the second replica only
+    second.registry.answers[apikeys.digest(KEY)] = Answer(Reason.KEY_REVOKED, version=8)
+    assert await second.resolve() is Reason.KEY_REVOKED
+    assert second.registry.calls == 1
 
 
 async def test_redis_down_degrades_to_the_in_process_tier() -> None:
     """Cached keys keep working and new keys go to the registry; nothing is denied for it."""
     with redis_server() as url:
         replica = Replica(url, "down")
-        assert await replica.resolver.lookup(credential()) == CLIENT
+        assert await replica.resolve() == CLIENT
         await settle()
     try:
-        assert replica.resolver.lookup_now(credential()) == CLIENT
-        other = credential("azk_other")
-        replica.registry.answers[other.key_hash] = CLIENT
+        assert await replica.resolve() == CLIENT
+        replica.registry.answers[apikeys.digest("azk_other")] = Answer(CLIENT)
         for _ in range(3):  # the breaker opens; lookups keep working through the registry
-            replica.resolver.clear()
-            assert await replica.resolver.lookup(other) == CLIENT
+            await replica.resolver.resync()
+            assert await replica.resolve("azk_other") == CLIENT
     finally:
         await replica.resolver.close()
+
+
+def revocation(version: int) -> Change:
+    return Change(version, "delete", apikeys.digest(KEY), "c-1", reason=Reason.KEY_REVOKED)

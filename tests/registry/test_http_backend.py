@@ -4,6 +4,7 @@ registry that misbehaves: every failure is a denial, and a dead registry trips t
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -11,7 +12,8 @@ from aiohttp import web
 
 from authz_service import apikeys
 from authz_service.breaker import CircuitBreaker
-from authz_service.model import Client, Credential
+from authz_service.health import Health
+from authz_service.model import ApiKey, Client, Credential
 from authz_service.reasons import Reason
 from authz_service.registry import RegistryBusyError, RegistryError
 from authz_service.registry.http import HttpRegistry
@@ -21,22 +23,27 @@ pytestmark = pytest.mark.e2e
 
 
 def credential(key: str) -> Credential:
-    return Credential(key=key, key_hash=apikeys.hash_key(key))
+    digest = apikeys.digest(key)
+    return Credential(ApiKey(key), digest, digest[:6].hex())
 
 
 def backend(
     base: str,
+    *,
     token: str = SERVICE,
     failures: int = 3,
     timeout: float = 1.0,
     max_in_flight: int = 10,
+    breaker: CircuitBreaker | None = None,
+    health: Health | None = None,
 ) -> HttpRegistry:
     return HttpRegistry(
         base,
         token,
         timeout=timeout,
         max_in_flight=max_in_flight,
-        breaker=CircuitBreaker(failures, cooldown=60),
+        breaker=breaker or CircuitBreaker(failures, cooldown=60),
+        health=health or Health(),
     )
 
 
@@ -57,21 +64,29 @@ async def test_registry_answers_become_clients_and_reasons(
     suspended = await registry.create("Suspended")
     await registry.call("DELETE", f"/clients/{revoked['client_id']}/api-key")
     await registry.call("PATCH", f"/clients/{suspended['client_id']}", json={"status": "suspended"})
-    assert await client_of.lookup(credential(valid["api_key"])) == Client(
-        valid["client_id"], "Valid", ("reader",)
-    )
-    assert await client_of.lookup(credential(apikeys.generate())) is Reason.UNKNOWN_KEY
-    assert await client_of.lookup(credential(revoked["api_key"])) is Reason.KEY_REVOKED
-    assert await client_of.lookup(credential(suspended["api_key"])) is Reason.CLIENT_SUSPENDED
+    answer = await client_of.verify(credential(valid["api_key"]))
+    assert answer.result == Client(valid["client_id"], "Valid", ("reader",))
+    for key, reason in [
+        (apikeys.generate(), Reason.UNKNOWN_KEY),
+        (revoked["api_key"], Reason.KEY_REVOKED),
+        (suspended["api_key"], Reason.CLIENT_SUSPENDED),
+    ]:
+        assert (await client_of.verify(credential(key))).result is reason
 
 
-async def test_a_wrong_service_token_is_an_error(registry: Registry) -> None:
-    """403 from the registry is a failure to get an answer, not a verdict."""
-    http = backend(registry.base, token="wrong-token-0123456789abcdef")
+async def test_a_wrong_service_token_is_an_error_reported_as_a_configuration_problem(
+    registry: Registry,
+) -> None:
+    """403 from the registry is a failure to get an answer, not a verdict, and it says plainly
+    which setting is wrong until the registry accepts the token."""
+    health = Health()
+    http = backend(registry.base, token="wrong-token-0123456789abcdef", health=health)
     await http.start()
     try:
         with pytest.raises(RegistryError):
-            await http.lookup(credential(apikeys.generate()))
+            await http.verify(credential(apikeys.generate()))
+        assert "AUTHZ_REGISTRY_TOKEN" in health.problems["registry"]
+        assert http.outcomes["token_rejected"] == 1
     finally:
         await http.close()
 
@@ -130,6 +145,10 @@ def answering(**kwargs: object) -> Handler:
             answering(text='{"valid": true, "client": null}', content_type="application/json"),
             id="wrong shape",
         ),
+        pytest.param(
+            answering(text="[" * 4000 + "]" * 4000, content_type="application/json"),
+            id="deeply nested",
+        ),
     ],
 )
 async def test_garbage_answers_are_errors(handler: Handler) -> None:
@@ -139,7 +158,7 @@ async def test_garbage_answers_are_errors(handler: Handler) -> None:
     await http.start()
     try:
         with pytest.raises(RegistryError):
-            await http.lookup(credential("azk_any"))
+            await http.verify(credential("azk_any"))
     finally:
         await http.close()
         await runner.cleanup()
@@ -154,11 +173,11 @@ async def test_a_dead_registry_opens_the_breaker_and_then_costs_nothing() -> Non
     try:
         for _ in range(2):
             with pytest.raises(RegistryError):
-                await http.lookup(credential("azk_any"))
+                await http.verify(credential("azk_any"))
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(RegistryError, match="circuit open"):
-            await http.lookup(credential("azk_any"))
+            await http.verify(credential("azk_any"))
         assert loop.time() - started < 0.01
     finally:
         await http.close()
@@ -176,13 +195,13 @@ async def test_lookups_beyond_the_in_flight_bound_are_refused_not_queued() -> No
     http = backend(base, max_in_flight=2, timeout=5)
     await http.start()
     try:
-        waiting = [asyncio.create_task(http.lookup(credential("azk_any"))) for _ in range(2)]
+        waiting = [asyncio.create_task(http.verify(credential("azk_any"))) for _ in range(2)]
         await asyncio.sleep(0.05)
         with pytest.raises(RegistryBusyError):
-            await http.lookup(credential("azk_any"))
+            await http.verify(credential("azk_any"))
         release.set()
         answers = [await task for task in waiting]
-        assert all(isinstance(answer, Client) for answer in answers)
+        assert all(isinstance(answer.result, Client) for answer in answers)
     finally:
         await http.close()
         await runner.cleanup()
@@ -198,7 +217,7 @@ async def test_a_request_that_never_left_is_retried_once() -> None:
     attempts = 0
     real_call = http._call
 
-    async def counted(key: str) -> object:
+    async def counted(key: Credential) -> object:
         nonlocal attempts
         attempts += 1
         if attempts == 2:  # the registry is back for the retry
@@ -211,7 +230,7 @@ async def test_a_request_that_never_left_is_retried_once() -> None:
 
     http._call = counted  # type: ignore[method-assign,assignment]
     try:
-        assert isinstance(await http.lookup(credential("azk_any")), Client)
+        assert isinstance((await http.verify(credential("azk_any"))).result, Client)
         assert attempts == 2
     finally:
         await http.close()
@@ -232,7 +251,7 @@ async def test_a_slow_registry_is_answered_in_time_without_a_pile_up() -> None:
     try:
         started = loop.time()
         outcomes = await asyncio.gather(
-            *(http.lookup(credential(f"azk_{n}")) for n in range(50)), return_exceptions=True
+            *(http.verify(credential(f"azk_{n}")) for n in range(50)), return_exceptions=True
         )
         elapsed = loop.time() - started
         assert elapsed < 0.5
@@ -241,3 +260,62 @@ async def test_a_slow_registry_is_answered_in_time_without_a_pile_up() -> None:
     finally:
         await http.close()
         await runner.cleanup()
+
+
+async def test_no_failure_of_a_half_open_trial_leaves_the_breaker_stuck() -> None:
+    """The trial call after the cooldown gets a deeply nested answer (RecursionError in the
+    JSON parser, which nothing expected): it counts as a failure, and once the registry is
+    healthy again the next trial closes the circuit."""
+    answers = [answering(text="[" * 4000 + "]" * 4000, content_type="application/json")]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await (answers[0] if answers else valid_json)(request)
+
+    runner, base = await misbehaving(handler)
+    clock = FakeClock()
+    http = backend(base, breaker=CircuitBreaker(1, cooldown=5, clock=clock))
+    await http.start()
+    try:
+        with pytest.raises(RegistryError):
+            await http.verify(credential("azk_any"))  # opens the circuit
+        clock.now += 5
+        with pytest.raises(RegistryError):
+            await http.verify(credential("azk_any"))  # the half-open trial, failing oddly
+        assert http.breaker_state == "open"
+        answers.clear()
+        clock.now += 5
+        assert isinstance((await http.verify(credential("azk_any"))).result, Client)
+        assert http.breaker_state == "closed"
+    finally:
+        await http.close()
+        await runner.cleanup()
+
+
+async def test_a_key_echoed_back_by_the_registry_never_reaches_the_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A malformed answer that quotes the key is an error whose log line does not quote it."""
+    key = apikeys.generate()
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        sent = (await request.json())["api_key"]
+        return web.json_response({"valid": False, "reason": sent})
+
+    runner, base = await misbehaving(echo)
+    http = backend(base)
+    await http.start()
+    try:
+        with caplog.at_level(logging.DEBUG), pytest.raises(RegistryError) as raised:
+            await http.verify(credential(key))
+        assert key not in caplog.text
+        assert key not in str(raised.value)
+    finally:
+        await http.close()
+        await runner.cleanup()
+
+
+class FakeClock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from pathlib import Path
 
-from authz_service.app import _watch
 from authz_service.breaker import CircuitBreaker
-from authz_service.feed import ChangeFeed
+from authz_service.changes import RecentChanges
+from authz_service.feed import ChangeFeed, FeedSettings
+from authz_service.health import Health
 from authz_service.metrics import Metrics
+from authz_service.policy import NO_POLICY
 from authz_service.registry.http import HttpRegistry
 from authz_service.registry.snapshot import SnapshotRegistry
 from authz_service.resolver import CachingResolver, ResolverSettings
@@ -19,30 +22,46 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "helm/authz-service/files/graf
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
 
-def exposed_metric_names() -> set[str]:
-    """Every metric family, with the http registry and with the snapshot registry in use."""
-    names: set[str] = set()
+async def exposed_metric_names() -> set[str]:
+    """Every metric family the service can expose: with the http registry, the snapshot, the
+    feed and a policy file in use."""
+    metrics = Metrics()
+    health = Health()
     http = HttpRegistry(
-        "http://registry", "t", timeout=1, max_in_flight=1, breaker=CircuitBreaker(1, 1)
+        "http://registry",
+        "t",
+        timeout=1,
+        max_in_flight=1,
+        breaker=CircuitBreaker(1, 1),
+        health=health,
     )
-    snapshot = SnapshotRegistry("http://registry", "t", 1.0)
+    resolver = CachingResolver(
+        http, ResolverSettings(), asyncio.get_running_loop(), RecentChanges(60)
+    )
+    snapshot = SnapshotRegistry("http://registry", "t")
     snapshot.version, snapshot.synced_at = 0, time.time()
-    feed = ChangeFeed("http://registry", "t", lambda _: None)
+    feed = ChangeFeed("http://registry", "t", resolver, health, FeedSettings())
     feed.last_event_at = time.time()  # the age is absent until a first event
-    for registry in (CachingResolver(http, ResolverSettings()), snapshot):
-        metrics = Metrics()
-        _watch(metrics, registry, feed)
-        metrics.gauge("authz_checks_in_flight", "checks", lambda: 0)
-        names |= {family.name for family in metrics.registry.collect()}
-    return names
+    metrics.watch_health(lambda: health.problems)
+    metrics.watch_registry_client(http)
+    metrics.watch_cache(resolver)
+    metrics.watch_snapshot(snapshot)
+    metrics.watch_feed(feed)
+    metrics.watch_policy(lambda: NO_POLICY)
+    metrics.watch_checks(FakeChecks())
+    return {family.name for family in metrics.registry.collect()}
 
 
-def test_every_query_names_a_metric_that_exists() -> None:
+class FakeChecks:
+    waiting = 0
+
+
+async def test_every_query_names_a_metric_that_exists() -> None:
     """No panel can silently show nothing because of a misspelt or removed metric."""
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert exprs
-    known = exposed_metric_names()
+    known = await exposed_metric_names()
     for expr in exprs:
         for name in re.findall(r"\bauthz_[a-z0-9_]+", expr):
             base = next((name[: -len(s)] for s in _SUFFIXES if name.endswith(s)), name)

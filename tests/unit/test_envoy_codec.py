@@ -29,17 +29,21 @@ def http_check(
     return CheckRequest(attributes=AttributeContext(request=AttributeContext.Request(http=http)))
 
 
+def read(check: CheckRequest) -> Request:
+    return decode(check.SerializeToString(), max_bytes=1 << 20)
+
+
 class TestDecode:
     def test_http_attributes_become_a_request(self) -> None:
         """Method, host, request id and the Authorization value are taken as they are."""
-        request = decode(http_check({"authorization": "ApiKey abc", "other": "x"}))
+        request = read(http_check({"authorization": "ApiKey abc", "other": "x"}))
         assert request == Request(
             is_http=True,
             authorization=("ApiKey abc",),
             method="POST",
             host="api.example",
             path="/v1/things",
-            request_id="req-1",
+            stream_id="req-1",
         )
 
     @pytest.mark.parametrize(
@@ -48,41 +52,67 @@ class TestDecode:
     )
     def test_the_path_loses_its_query_and_fragment(self, path: str, expected: str) -> None:
         """Query strings never reach the pipeline or the logs."""
-        assert decode(http_check(path=path)).path == expected
+        assert read(http_check(path=path)).path == expected
 
     def test_route_requirements_come_from_context_extensions(self) -> None:
         """ExtAuthzPerRoute's context_extensions, sorted so that equal routes compare equal."""
         check = http_check()
         check.attributes.context_extensions.update({"required_roles": "a,b", "rule_id": "r"})
-        assert decode(check).route == (("required_roles", "a,b"), ("rule_id", "r"))
-        assert decode(http_check()).route == ()
+        assert read(check).route == (("required_roles", "a,b"), ("rule_id", "r"))
+        assert read(http_check()).route == ()
 
     def test_a_request_without_authorization_has_none(self) -> None:
         """No header means an empty tuple, not an empty string."""
-        assert decode(http_check({})).authorization == ()
+        assert read(http_check({})).authorization == ()
 
     def test_raw_header_map_keeps_every_repeated_value(self) -> None:
         """With encode_raw_headers, each Authorization entry is a separate value."""
-        request = decode(
+        request = read(
             http_check(raw=[("authorization", b"ApiKey a"), ("Authorization", b"ApiKey b")])
         )
         assert request.authorization == ("ApiKey a", "ApiKey b")
 
     def test_raw_header_map_with_invalid_utf8_keeps_the_damage_visible(self) -> None:
         """Invalid bytes become U+FFFD, which no key may contain, so the check will fail closed."""
-        request = decode(http_check(raw=[("authorization", b"ApiKey a\xffb")]))
+        request = read(http_check(raw=[("authorization", b"ApiKey a\xffb")]))
         assert request.authorization == ("ApiKey a\ufffdb",)
 
     def test_raw_header_map_wins_over_the_merged_map(self) -> None:
         """When both forms are present, the raw entries are authoritative."""
-        request = decode(
+        request = read(
             http_check({"authorization": "ApiKey merged"}, raw=[("authorization", b"ApiKey raw")])
         )
         assert request.authorization == ("ApiKey raw",)
 
     def test_a_check_without_http_attributes_is_a_non_http_request(self) -> None:
         """Envoy's network ext_authz sends no HTTP part; that is a request of its own kind."""
-        assert decode(CheckRequest()) == Request(is_http=False)
+        assert read(CheckRequest()) == Request(is_http=False)
+
+    def test_envoys_request_id_and_trace_context_are_read(self) -> None:
+        """x-request-id joins our log line to Envoy's; the stream id is kept beside it."""
+        request = read(
+            http_check(
+                {
+                    "x-request-id": "5b3f",
+                    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                    "tracestate": "a=b",
+                }
+            )
+        )
+        assert (request.request_id, request.stream_id) == ("5b3f", "req-1")
+        assert request.traceparent.startswith("00-0af7")
+        assert request.tracestate == "a=b"
+
+    def test_a_request_over_the_size_limit_is_refused_unread(self) -> None:
+        """Over max_bytes, the bytes are not parsed: the check denies it (413)."""
+        raw = http_check({"authorization": "ApiKey " + "a" * 100}).SerializeToString()
+        assert decode(raw, max_bytes=len(raw) - 1).problem is Reason.REQUEST_TOO_LARGE
+        assert decode(raw, max_bytes=len(raw)).problem is None
+
+    @pytest.mark.parametrize("raw", [b"\xff\xff\xff\xff", b"\x0a\x05abc", b"\x0a\x03\x22\x01\xff"])
+    def test_bytes_that_are_not_a_check_request_are_refused(self, raw: bytes) -> None:
+        """Invalid protobuf or invalid UTF-8 in a string field: the check denies it (400)."""
+        assert decode(raw, max_bytes=1024).problem is Reason.REQUEST_UNPARSABLE
 
 
 ENCODER = Encoder(CodecSettings(realm='my "realm"', retry_after_seconds=7))

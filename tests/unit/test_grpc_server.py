@@ -8,10 +8,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
 from authz_service.envoy_codec import CodecSettings, Encoder
 from authz_service.grpc_server import AuthorizationServicer
-from authz_service.pipeline import Pipeline, PipelineSettings
 from tests.fakes import FakeRegistry
 
 
@@ -25,11 +25,12 @@ class Context:
 async def test_arbitrary_request_bytes_get_a_denial_and_never_an_error(raw: bytes) -> None:
     """Garbage, truncated or random protobuf bytes are denied; nothing raises. The handler runs
     on a worker thread, as on the check server, with the event loop behind it."""
-    servicer = AuthorizationServicer(
-        Pipeline(FakeRegistry({}), PipelineSettings(CredentialRules(), check_timeout=1.0)),
-        Encoder(CodecSettings()),
+    checker = Checker(
+        FakeRegistry({}),
+        CheckSettings(CredentialRules(), check_timeout=1.0),
         asyncio.get_running_loop(),
     )
+    servicer = AuthorizationServicer(checker, Encoder(CodecSettings()), max_message_bytes=256)
     context: Any = Context()
     response = await asyncio.to_thread(servicer.check, raw, context)
     assert response.status.code != 0

@@ -1,7 +1,8 @@
 """authz_service.admin.v1.Admin (protos/authz_service/admin/v1/admin.proto).
 
-Translates only: an ExplainRequest becomes a Request for the pipeline's ``explain``, an
-InvalidateRequest an eviction in the resolver; their results become the responses. Key material
+Translates only: an ExplainRequest becomes a Request for the check core's ``explain``, an
+InvalidateRequest an invalidation in the registry source; their results become the
+responses. Key material
 from a request is used for the lookup and never logged or returned.
 """
 
@@ -13,10 +14,9 @@ import grpc
 
 from authz_service import apikeys
 from authz_service.admin.v1 import admin_pb2, admin_pb2_grpc
+from authz_service.core import Checker
 from authz_service.model import Client, Decision, Request, Trace
-from authz_service.pipeline import Pipeline
 from authz_service.reasons import OUTCOMES
-from authz_service.resolver import CachingResolver
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -25,8 +25,8 @@ Context = grpc.aio.ServicerContext[object, object]
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, pipeline: Pipeline) -> None:
-        self._pipeline = pipeline
+    def __init__(self, checker: Checker) -> None:
+        self._checker = checker
 
     async def Explain(  # noqa: N802 (the gRPC method name)
         self, message: admin_pb2.ExplainRequest, context: Context
@@ -41,11 +41,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             route=tuple(sorted(message.context_extensions.items())),
         )
         if who == "key":
-            decision, trace = await self._pipeline.explain(request)
+            decision, trace = await self._checker.explain(request)
             return _explanation(decision, trace)
         if who != "client_id":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give key or client_id")
-        client = self._pipeline.registry.find_client(message.client_id)
+        client = self._checker.registry.find_client(message.client_id)
         resolution = "known_client"
         if client is None:
             if not message.roles:
@@ -56,7 +56,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 )
             resolution = "supplied_roles"
             client = Client(message.client_id, message.client_id, tuple(message.roles))
-        decision, trace = await self._pipeline.explain(request, client)
+        decision, trace = await self._checker.explain(request, client)
         trace.resolution = resolution
         return _explanation(decision, trace)
 
@@ -72,20 +72,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "key_sha256: 64 lower-case hex digits"
             )
-        resolver = self._pipeline.registry
-        if not isinstance(resolver, CachingResolver):
+        if target == "client_id":
+            evicted = self._checker.registry.invalidate(None, message.client_id)
+            what = f"client {message.client_id!r}"
+        else:
+            digest = (
+                bytes.fromhex(message.key_sha256)
+                if target == "key_sha256"
+                else apikeys.digest(message.key)
+            )
+            evicted = self._checker.registry.invalidate(digest, None)
+            what = f"key {digest.hex()[:12]}"
+        if evicted is None:
             return admin_pb2.InvalidateResponse(
                 evicted=0,
                 detail="nothing cached: this replica reads its registry (the keys file or the "
                 "snapshot) directly, so changes apply as soon as they are loaded",
             )
-        if target == "client_id":
-            evicted = resolver.evict(None, message.client_id)
-            what = f"client {message.client_id!r}"
-        else:
-            key_hash = message.key_sha256 or apikeys.hash_key(message.key)
-            evicted = resolver.evict(key_hash, None)
-            what = f"key {key_hash[:12]}"
         return admin_pb2.InvalidateResponse(
             evicted=evicted, detail=f"evicted {evicted} cached answer(s) of {what}"
         )

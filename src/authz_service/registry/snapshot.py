@@ -1,9 +1,14 @@
-"""The synchronized copy: every valid key of the client registry, by hash, in memory.
+"""The synchronized copy: every valid key of the client registry, by digest, in memory.
 
-At start it loads the registry's snapshot (retrying in the background until it succeeds; until
-then it is not ready and lookups are errors, so checks get 503). Then it follows the change feed,
-and while the feed is down it polls the delta form, so it converges either way. Every lookup is
-answered from memory, with no registry call.
+Its change feed (``feed.ChangeFeed``, which this copy follows as a ``ChangeConsumer``) loads the
+snapshot first, through ``resync``, and applies every change after it; it resyncs again whenever
+it may have missed changes. Until the first snapshot is in, the copy is not ready and lookups
+are errors (checks get 503). A reload replaces the copy in one step, and a failed one keeps it.
+Every lookup is answered from memory, with no registry call.
+
+Snapshots are read as a stream (``application/x-ndjson``, one entry per line) when the registry
+offers it, so a large one is never held as one document; the plain JSON form is accepted too.
+A snapshot the copy already has (the same ``ETag``) is not loaded again.
 
 The registry's key hashes must be plain SHA-256 (a registry without a pepper), since they are
 compared with the SHA-256 of the presented key.
@@ -11,25 +16,28 @@ compared with the SHA-256 of the presented key.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import aiohttp
 
-from authz_service import logs
-from authz_service.feed import ChangeFeed
+from authz_service import contract
+from authz_service.contract import Change, ContractError, Entry
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
 from authz_service.registry import RegistryError
-from authz_service.registry.http import parse_identity, parse_time
 
 log = logging.getLogger(__name__)
 
+NDJSON = "application/x-ndjson"
+MAX_LINE_BYTES = 64 * 1024
 Record = tuple[Client, float | None]  # the client, and when the key stops validating
+
+
+class SnapshotError(RegistryError):
+    """The snapshot could not be loaded; the copy in use (if any) stays."""
 
 
 class SnapshotRegistry:
@@ -37,40 +45,31 @@ class SnapshotRegistry:
         self,
         base_url: str,
         token: str,
-        poll_interval: float,
-        timeout: float = 30.0,
+        timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._base = base_url.rstrip("/")
-        self._token = token
-        self._poll_interval = poll_interval
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._url = base_url.rstrip("/") + "/v1/snapshot"
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout)
         self._clock = clock
-        self._keys: dict[str, Record] = {}
+        self._keys: dict[bytes, Record] = {}
         self.version: int | None = None
         self.synced_at: float | None = None  # when the copy last took in the registry's state
-        self.feed: ChangeFeed | None = None
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
         return self.version is not None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._sync(), name="registry-snapshot")
+        pass  # the change feed loads the first snapshot (resync)
 
     async def close(self) -> None:
-        if self.feed is not None:
-            await self.feed.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        pass
 
-    def lookup_now(self, credential: Credential) -> Client | Reason:
+    def lookup(self, credential: Credential) -> Client | Reason:
         if self.version is None:
             raise RegistryError("no snapshot of the registry loaded yet")
-        record = self._keys.get(credential.key_hash)
+        record = self._keys.get(credential.digest)
         if record is None:
             return Reason.UNKNOWN_KEY
         client, valid_until = record
@@ -78,68 +77,93 @@ class SnapshotRegistry:
             return Reason.KEY_REVOKED  # its grace period (or life) ended since the last change
         return client
 
-    async def lookup(self, credential: Credential) -> Client | Reason:
-        return self.lookup_now(credential)
-
     def find_client(self, client_id: str) -> Client | None:
         return next((c for c, _ in self._keys.values() if c.client_id == client_id), None)
 
-    def apply_change(self, change: Mapping[str, Any]) -> None:
-        version = int(change["version"])
-        if self.version is not None and version <= self.version:
-            return  # already applied (the feed and the delta poll can overlap)
-        key_hash = str(change["key_hash"])
-        if change["op"] == "upsert":
-            self._keys[key_hash] = _record(change["entry"])
-        elif change["op"] == "delete":
-            self._keys.pop(key_hash, None)
+    def invalidate(self, digest: bytes | None, client_id: str | None) -> None:
+        return None  # nothing cached: this is the registry's copy, changed as the registry is
+
+    # --- the change feed (ChangeConsumer) -----------------------------------------------------
+    def apply(self, change: Change) -> None:
+        if self.version is not None and change.version <= self.version:
+            return  # already in the copy (the snapshot reflects it)
+        if change.entry is not None:
+            self._keys[change.digest] = _record(change.entry)
         else:
-            raise ValueError(f"unknown change op {change['op']!r}")
-        self.version = version
+            self._keys.pop(change.digest, None)
+        self.version = change.version
         self.synced_at = time.time()
 
-    async def _sync(self) -> None:
-        headers = {"Authorization": f"Bearer {self._token}"}
-        async with aiohttp.ClientSession(headers=headers, timeout=self._timeout) as session:
-            while True:
-                try:
-                    if self.version is None:
-                        await self._load(session)
-                    elif self.feed is None or not self.feed.connected:
-                        await self._poll(session)
-                except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-                    logs.failure(log, "registry snapshot not refreshed", "snapshot_error", exc)
-                await asyncio.sleep(self._poll_interval)
-
-    async def _load(self, session: aiohttp.ClientSession) -> None:
-        async with session.get(f"{self._base}/v1/snapshot", allow_redirects=False) as reply:
-            reply.raise_for_status()
-            document = await reply.json()
-        keys = {str(entry["key_hash"]): _record(entry) for entry in document["keys"]}
-        self._keys, self.version = keys, int(document["version"])
+    async def resync(self) -> int:
+        """Load the registry's snapshot (unless it is the one in use); return its version."""
+        headers = {**self._headers, "Accept": f"{NDJSON}, application/json;q=0.5"}
+        if self.version is not None:
+            headers["If-None-Match"] = f'"v{self.version}"'
+        async with (
+            aiohttp.ClientSession(timeout=self._timeout) as session,
+            session.get(self._url, headers=headers, allow_redirects=False) as reply,
+        ):
+            if reply.status == 304 and self.version is not None:
+                self.synced_at = time.time()
+                return self.version
+            if reply.status != 200:
+                raise SnapshotError(f"the registry answered the snapshot with HTTP {reply.status}")
+            try:
+                if reply.content_type == NDJSON:
+                    version, keys = await _read_lines(reply)
+                else:
+                    version, keys = _read_document(await reply.read())
+            except (ContractError, ValueError, RecursionError) as exc:
+                raise SnapshotError(f"a snapshot outside the contract: {exc}") from None
+        self._keys, self.version = keys, version
         self.synced_at = time.time()
         log.info(
             "registry snapshot loaded",
-            extra={
-                "fields": {"event": "snapshot_loaded", "version": self.version, "keys": len(keys)}
-            },
+            extra={"fields": {"event": "snapshot_loaded", "version": version, "keys": len(keys)}},
         )
-        if self.feed is None:
-            self.feed = ChangeFeed(self._base, self._token, self.apply_change, since=self.version)
-            await self.feed.start()
-
-    async def _poll(self, session: aiohttp.ClientSession) -> None:
-        async with session.get(
-            f"{self._base}/v1/changes", allow_redirects=False, params={"since": str(self.version)}
-        ) as reply:
-            if reply.status == 410:  # the registry no longer knows our version: start over
-                self.version = None
-                return
-            reply.raise_for_status()
-            document = await reply.json()
-        for change in document["changes"]:
-            self.apply_change(change)
+        return version
 
 
-def _record(entry: Mapping[str, Any]) -> Record:
-    return parse_identity(entry["client"]), parse_time(entry["valid_until"])
+async def _read_lines(reply: aiohttp.ClientResponse) -> tuple[int, dict[bytes, Record]]:
+    """The streamed form: a header line with the version, an entry per line, a trailer line
+    with the count (a stream cut short has none, and is refused)."""
+    keys: dict[bytes, Record] = {}
+    version: int | None = None
+    async for line in reply.content:
+        if len(line) > MAX_LINE_BYTES:
+            raise ContractError("a snapshot line over the size limit")
+        document = json.loads(line)
+        if version is None:
+            version = _header(document)
+        elif isinstance(document, dict) and document.get("end") is True:
+            if document.get("count") != len(keys):
+                raise ContractError("a snapshot whose count does not match its entries")
+            return version, keys
+        else:
+            entry = contract.parse_entry(document)
+            keys[entry.digest] = _record(entry)
+    raise ContractError("a snapshot cut short (no trailer line)")
+
+
+def _read_document(body: bytes) -> tuple[int, dict[bytes, Record]]:
+    document = json.loads(body)
+    version = _header(document)
+    entries = document.get("keys")
+    if not isinstance(entries, list):
+        raise ContractError("a snapshot without a list of keys")
+    keys: dict[bytes, Record] = {}
+    for item in entries:
+        entry = contract.parse_entry(item)
+        keys[entry.digest] = _record(entry)
+    return version, keys
+
+
+def _header(document: object) -> int:
+    version = document.get("version") if isinstance(document, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ContractError("a snapshot without a version")
+    return version
+
+
+def _record(entry: Entry) -> Record:
+    return entry.client, entry.valid_until

@@ -20,16 +20,15 @@ from typing import Any
 import yaml
 
 from authz_service import apikeys
+from authz_service.contract import CLIENT_ID_PATTERN, MAX_NAME_LENGTH, MAX_ROLES, ROLE_PATTERN
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
 from authz_service.watched_file import WatchedFile
 
 FORMAT_VERSION = 1
-CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
-ROLE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-_MAX_NAME_LENGTH = 200
-_MAX_ROLES = 32
+_MAX_NAME_LENGTH = MAX_NAME_LENGTH
+_MAX_ROLES = MAX_ROLES
 _ENTRY_FIELDS = frozenset({"sha256", "client_id", "client_name", "roles", "enabled", "expires_at"})
 _HEADER = (
     "# authz-service keys file: SHA-256 hashes of API keys, never the keys themselves.\n"
@@ -186,7 +185,7 @@ class StaticFileRegistry:
         reload_interval: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._file = WatchedFile(path, parse, reload_interval, "keys_file", len)
+        self._file = WatchedFile(path, _parse_by_digest, reload_interval, "keys_file", len)
         self._file.value = {}
         self._clock = clock
         self._ready = False
@@ -210,11 +209,8 @@ class StaticFileRegistry:
     async def close(self) -> None:
         await self._file.close()
 
-    async def lookup(self, credential: Credential) -> Client | Reason:
-        return self.lookup_now(credential)
-
-    def lookup_now(self, credential: Credential) -> Client | Reason:
-        record = self._file.value.get(credential.key_hash)
+    def lookup(self, credential: Credential) -> Client | Reason:
+        record = self._file.value.get(credential.digest)
         if record is None:
             return Reason.UNKNOWN_KEY
         if not record.enabled:
@@ -227,3 +223,10 @@ class StaticFileRegistry:
         return next(
             (r.client for r in self._file.value.values() if r.client.client_id == client_id), None
         )
+
+    def invalidate(self, digest: bytes | None, client_id: str | None) -> None:
+        return None  # nothing cached: the file is the copy, reloaded as it changes
+
+
+def _parse_by_digest(text: str, source: str) -> dict[bytes, KeyRecord]:
+    return {bytes.fromhex(key_hash): record for key_hash, record in parse(text, source).items()}

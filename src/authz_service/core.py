@@ -1,0 +1,239 @@
+"""The check core: one request in, one Decision out, whichever transport brought it.
+
+A check reads top to bottom in ``_decide``: the request as the transport read it, then
+1. identity (the one API key, checked offline), 2. resolution (from memory, or by the
+registry), 3. authorization (the policy file and the route's requirements). Whatever part of it
+must wait for I/O (a registry lookup) comes back as a coroutine, and each entry point runs that
+in the one place it may wait:
+
+- ``check``, for a worker thread (the gRPC transport): the coroutine runs on the event loop
+  while the thread waits, within the check's deadline;
+- ``check_async``, on the event loop (the HTTP transport): it awaits the coroutine.
+
+This is the only place that turns failures into decisions: whatever goes wrong below (an
+exception, a deadline, a bound reached), the caller gets a deny, never an exception that would
+leave the outcome to Envoy's ``failure_mode_allow``. Every check is recorded here, exactly once:
+the decision log and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from authz_service import credentials, logs
+from authz_service.credentials import CredentialRules
+from authz_service.metrics import Metrics
+from authz_service.model import Client, Decision, Request, Trace
+from authz_service.policy import NO_POLICY, Policy
+from authz_service.reasons import Reason
+from authz_service.registry import Known, Registry, RegistryError
+
+log = logging.getLogger(__name__)
+
+# Time kept back from the caller's deadline so that our answer reaches Envoy before it gives up.
+DEADLINE_MARGIN = 0.01
+# How much longer than a check's own deadline a worker waits for the event loop's decision,
+# should the loop be stuck: the loop keeps the deadline itself.
+LOOP_BACKSTOP_SLACK = 0.05
+
+
+class Pending(NamedTuple):
+    """The rest of a check that must wait for I/O: a registry lookup, and what then decides."""
+
+    lookup: Coroutine[Any, Any, Known]
+    then: Callable[[Known], Decision]
+    trace: Trace
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSettings:
+    credential_rules: CredentialRules
+    check_timeout: float  # seconds; our own bound, shorter than Envoy's ext_authz timeout
+    max_waiting: int = 1000  # checks waiting for the registry at once; beyond, deny with 503
+    # Worker threads that may wait for the registry at once; the others stay free for the
+    # checks answered from memory, so that slow lookups never queue them (a flood of unknown
+    # keys, a slow registry).
+    max_waiting_threads: int = 24
+    allow_non_http: bool = False
+
+
+class Checker:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: CheckSettings,
+        loop: asyncio.AbstractEventLoop,
+        metrics: Metrics | None = None,
+        policy: Callable[[], Policy] | None = None,
+    ) -> None:
+        """``loop`` runs the registry lookups. ``policy`` returns the access policy in force
+        (the policy file reloads); without one, every identified client is allowed, subject
+        to its route's requirements."""
+        self.registry = registry
+        self._settings = settings
+        self._rules = settings.credential_rules
+        self._loop = loop
+        self._metrics = metrics
+        self._policy = policy or _no_policy
+        self._waiting = 0  # checks waiting for I/O; changed on the event loop only
+        self._waiting_threads = threading.BoundedSemaphore(settings.max_waiting_threads)
+        self._non_http = (
+            Decision.allow(None, Reason.NON_HTTP_REQUEST)
+            if settings.allow_non_http
+            else Decision.deny(Reason.NON_HTTP_REQUEST)
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Checks waiting for the registry."""
+        return self._waiting
+
+    def check(self, request: Request, time_remaining: float | None = None) -> Decision:
+        """Decide one check on a worker thread, within our timeout and the caller's remaining
+        time; log and count it."""
+        started = time.perf_counter()
+        trace = Trace()
+        try:
+            decision = self._decide(request, trace)
+            if not isinstance(decision, Decision):
+                decision = self._wait_on_loop(decision, self._budget(time_remaining))
+        except Exception as exc:  # every failure is a deny, never an error
+            decision = _denial(exc)
+        self._record(request, decision, started, trace)
+        return decision
+
+    async def check_async(self, request: Request, time_remaining: float | None = None) -> Decision:
+        """``check``, on the event loop."""
+        started = time.perf_counter()
+        decision, trace = await self._decide_async(request, time_remaining)
+        self._record(request, decision, started, trace)
+        return decision
+
+    async def explain(
+        self, request: Request, client: Client | None = None
+    ) -> tuple[Decision, Trace]:
+        """Decide as a check would, and say how, without logging or counting a decision. With
+        ``client``, the credential and resolution steps are skipped for that client."""
+        if client is None:
+            return await self._decide_async(request, None)
+        trace = Trace()
+        return self._authorize(request, client, trace), trace
+
+    # --- the check, top to bottom --------------------------------------------------------------
+    def _decide(self, request: Request, trace: Trace) -> Decision | Pending:
+        if request.problem is not None:  # the transport could not read it
+            return Decision.deny(request.problem)
+        if not request.is_http:
+            return self._non_http
+
+        # 1. Identity: the request's one API key, checked offline.
+        credential = credentials.extract(request.authorization, self._rules)
+        if isinstance(credential, Reason):
+            return Decision.deny(credential)
+        trace.key_id = credential.key_id
+
+        # 2. Resolution: from memory, or else by the registry (the part that waits).
+        known = self.registry.lookup(credential)
+        if not isinstance(known, Client | Reason):
+            trace.resolution = "registry"
+            return Pending(known, functools.partial(self._admit, request, trace), trace)
+        trace.resolution = "memory"
+        return self._admit(request, trace, known)
+
+    def _admit(self, request: Request, trace: Trace, known: Known) -> Decision:
+        if isinstance(known, Reason):
+            return Decision.deny(known)
+        return self._authorize(request, known, trace)
+
+    def _authorize(self, request: Request, client: Client, trace: Trace) -> Decision:
+        # 3. Authorization: the policy file's rules and the route's own requirements.
+        verdict = self._policy().evaluate(request, client)
+        trace.policy_path = verdict.path
+        if verdict.allowed:
+            return Decision.allow(client, Reason.ALLOWED, verdict.rule, verdict.dry_run_rule)
+        return Decision.deny(verdict.reason, client, verdict.rule)
+
+    # --- waiting, in one place per entry point -------------------------------------------------
+    def _wait_on_loop(self, pending: Pending, budget: float) -> Decision:
+        """A worker thread waits for the rest of its check, run on the event loop."""
+        if not self._waiting_threads.acquire(blocking=False):
+            pending.lookup.close()
+            return Decision.deny(Reason.OVERLOADED)
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._within(pending, budget), self._loop)
+            try:
+                return future.result(timeout=max(budget, 0) + LOOP_BACKSTOP_SLACK)
+            except TimeoutError:
+                if future.done():
+                    raise  # the check's own deadline, kept by the loop
+                future.cancel()
+                log.error(
+                    "no decision from the event loop in time; denying",
+                    extra={"fields": {"event": "loop_backstop"}},
+                )
+                return Decision.deny(Reason.DEADLINE_EXCEEDED)
+        finally:
+            self._waiting_threads.release()
+
+    async def _decide_async(
+        self, request: Request, time_remaining: float | None
+    ) -> tuple[Decision, Trace]:
+        trace = Trace()
+        try:
+            decision = self._decide(request, trace)
+            if not isinstance(decision, Decision):
+                decision = await self._within(decision, self._budget(time_remaining))
+        except Exception as exc:  # as in check
+            decision = _denial(exc)
+        return decision, trace
+
+    async def _within(self, pending: Pending, budget: float) -> Decision:
+        """Run the rest of a check on the loop, within its deadline and the bound on waiting
+        checks: an explicit 503 rather than a queue."""
+        if budget <= 0 or self._waiting >= self._settings.max_waiting:
+            pending.lookup.close()
+            return Decision.deny(Reason.DEADLINE_EXCEEDED if budget <= 0 else Reason.OVERLOADED)
+        self._waiting += 1
+        asked = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
+                known = await pending.lookup
+        finally:
+            self._waiting -= 1
+            pending.trace.registry_seconds = time.perf_counter() - asked
+        return pending.then(known)
+
+    def _budget(self, time_remaining: float | None) -> float:
+        """Our timeout, shortened by the caller's deadline if it has one (gRPC reports a huge
+        number for a call without a deadline, as grpcurl makes by default)."""
+        budget = self._settings.check_timeout
+        if time_remaining is not None:
+            budget = min(budget, time_remaining - DEADLINE_MARGIN)
+        return budget
+
+    def _record(self, request: Request, decision: Decision, started: float, trace: Trace) -> None:
+        elapsed = time.perf_counter() - started
+        logs.decision(request, decision, elapsed, trace)
+        if self._metrics is not None:
+            self._metrics.decision(decision, elapsed, request.size)
+
+
+def _denial(exc: Exception) -> Decision:
+    """The deny for a failure: its own reason for registry errors, 503 for the rest."""
+    if isinstance(exc, TimeoutError):
+        return Decision.deny(Reason.DEADLINE_EXCEEDED)
+    if isinstance(exc, RegistryError):
+        return Decision.deny(exc.reason)
+    log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
+    return Decision.deny(Reason.INTERNAL_ERROR)
+
+
+def _no_policy() -> Policy:
+    return NO_POLICY
