@@ -1,5 +1,7 @@
-"""Key resolution through the real client registry: cold-miss and hit latency, and registry
-calls per 1000 checks under a mixed workload (90% hot keys, 10% random keys).
+"""Key resolution through the real client registry: latency, and registry calls per check.
+
+Cold-miss and hit latency, and registry calls per 1000 checks under a mixed workload (90% hot
+keys, 10% random keys).
 
     .venv/bin/python benchmarks/resolution_bench.py [--checks 5000]
 

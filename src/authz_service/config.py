@@ -2,16 +2,20 @@
 default, an environment variable, a config-file key, a description and a check.
 
 Precedence: default < config file (YAML, keys are the field names) < environment. An error names
-the setting as both its variable and its key.
+the setting as both its variable and its key. A mistyped config-file key is an error; a mistyped
+environment variable cannot be told from one meant for another program, so ``unknown_variables``
+lists them for the caller to warn about.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -55,7 +59,8 @@ def load(
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(from_file) - names)
     if unknown:
-        raise SettingsError(f"{config_file}: unknown setting {unknown[0]!r}")
+        hint = _did_you_mean(str(unknown[0]), names)
+        raise SettingsError(f"{config_file}: unknown setting {unknown[0]!r}{hint}")
     hints = get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
@@ -67,12 +72,66 @@ def load(
             raw = from_file[f.name]
         else:
             continue
-        value = _coerce(raw, hints[f.name], where)
+        value = _coerce(raw, hints[f.name], where, f.metadata["doc"])
         problem = f.metadata["check"](value) if f.metadata["check"] else None
         if problem:
             raise SettingsError(f"{where}: {problem}; got {raw!r}")
         values[f.name] = value
     return cls(**values)
+
+
+class UnknownVariable(NamedTuple):
+    """An environment variable with a settings prefix that names no setting."""
+
+    name: str
+    suggestion: str | None  # the setting it was probably meant to be
+
+    def __str__(self) -> str:
+        hint = f" (did you mean {self.suggestion}?)" if self.suggestion else ""
+        return f"{self.name} is not a setting and is ignored{hint}"
+
+
+def unknown_variables(
+    cls: type[Any],
+    prefix: str,
+    environ: Mapping[str, str] | None = None,
+    also_known: frozenset[str] = frozenset(),
+) -> list[UnknownVariable]:
+    """Variables starting with ``prefix`` that are neither settings nor ``also_known``; only
+    their names are reported, since a value may be a secret."""
+    environ = os.environ if environ is None else environ
+    settings = {prefix + f.name.upper() for f in fields(cls)}
+    known = settings | also_known
+    return [
+        UnknownVariable(name, _closest(name, settings))
+        for name in sorted(environ)
+        if name.startswith(prefix) and name not in known
+    ]
+
+
+def log_unknown_variables(unknown: list[UnknownVariable], log: logging.Logger) -> None:
+    """One warning per unknown variable, for a server's start-up log."""
+    for variable in unknown:
+        log.warning(
+            str(variable),
+            extra={
+                "fields": {
+                    "event": "unknown_setting",
+                    "variable": variable.name,
+                    "did_you_mean": variable.suggestion,
+                }
+            },
+        )
+
+
+def _closest(name: str, candidates: set[str]) -> str | None:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _did_you_mean(name: str, candidates: set[str]) -> str:
+    close = _closest(name, candidates)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def describe(cls: type[Any], prefix: str) -> str:
@@ -103,11 +162,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     return document
 
 
-def _coerce(raw: Any, kind: Any, where: str) -> Any:
+def _coerce(raw: Any, kind: Any, where: str, doc: str) -> Any:
     if get_origin(kind) is Literal:
         convert: Callable[[Any], Any] = _choice(get_args(kind))
     elif get_origin(kind) is tuple:
         convert = _names
+    elif kind is float and doc.startswith("seconds"):
+        # Durations are documented as "seconds ..."; the error says what to write.
+        convert = _number(float, "must be a number of seconds")
     else:
         convert = _CONVERTERS[kind]
     try:
@@ -135,10 +197,13 @@ def _bool(raw: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _number(kind: type[int] | type[float]) -> Callable[[Any], int | float]:
+def _number(kind: type[int] | type[float], problem: str) -> Callable[[Any], int | float]:
     def convert(raw: Any) -> int | float:
-        # Through str() first, so that YAML's true (an int to Python) is refused as a number.
-        return kind(str(raw).strip())
+        try:
+            # Through str() first, so that YAML's true (an int to Python) is refused as a number.
+            return kind(str(raw).strip())
+        except ValueError:
+            raise ValueError(problem) from None
 
     return convert
 
@@ -150,8 +215,8 @@ def _names(raw: Any) -> tuple[str, ...]:
 
 _CONVERTERS: dict[Any, Callable[[Any], Any]] = {
     bool: _bool,
-    int: _number(int),
-    float: _number(float),
+    int: _number(int, "must be a whole number"),
+    float: _number(float, "must be a number"),
     str: lambda raw: str(raw).strip(),
     Path: lambda raw: Path(str(raw)),
 }

@@ -19,6 +19,7 @@ recorded, and the decision is taken as if it were not there.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import re
@@ -296,6 +297,7 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 
 _TOP_FIELDS = frozenset({"version", "default", "dry_run", "path_parameters", "rules"})
 _RULE_FIELDS = frozenset({"id", "hosts", "methods", "paths", "case_sensitive", "allow", "dry_run"})
+_GRANT_FIELDS = frozenset({"roles", "clients"})
 _PATH_KINDS = ("exact", "prefix", "glob")
 
 
@@ -406,9 +408,16 @@ def _parse_grant(value: Any, where: str) -> Grant:
         return Grant(anyone=True)
     if value == "none":
         return Grant()
-    if not isinstance(value, dict) or not value or set(value) - {"roles", "clients"}:
+    if not isinstance(value, dict) or not value:
         raise PolicyError(
             f"{where}: required: 'any', 'none', or a mapping with 'roles' and/or 'clients'"
+        )
+    unknown = sorted(str(name) for name in set(value) - _GRANT_FIELDS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(_GRANT_FIELDS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise PolicyError(
+            f"{where}.{unknown[0]}: unknown field; {hint}expected 'roles' and/or 'clients'"
         )
     roles = _names(value, "roles", where) or []
     clients = _names(value, "clients", where) or []

@@ -1,11 +1,17 @@
 """Command line: ``client-registry serve`` and management commands that call the API and print
-JSON (``clients create|list|get|revoke|regenerate|suspend|activate|delete``)."""
+JSON (``clients create|list|get|revoke|regenerate|suspend|activate|delete``).
+
+The management commands only read credentials, never create them: the admin token comes from
+``--token-file``, else ``REGISTRY_ADMIN_TOKEN`` (or ``admin_token`` in ``--config``), else the
+tokens file that ``serve`` writes (``REGISTRY_TOKENS_FILE``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import urllib.error
@@ -14,16 +20,44 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from authz_service import logs
-from authz_service.config import SettingsError, describe, load
+from authz_service import __version__, logs
+from authz_service.config import (
+    SettingsError,
+    describe,
+    load,
+    log_unknown_variables,
+    unknown_variables,
+)
 from client_registry import app
 from client_registry.db import DatabaseError
 from client_registry.settings import ENV_PREFIX, RegistrySettings
+
+log = logging.getLogger(__name__)
+# Read by the clients command (for --url), not a setting of the server.
+_URL_VARIABLE = "REGISTRY_URL"
+_LOOKUP_ORDER = (
+    "--token-file, REGISTRY_ADMIN_TOKEN (or admin_token in --config), then the tokens file "
+    "that 'client-registry serve' writes (REGISTRY_TOKENS_FILE, default registry-tokens.json)"
+)
+
+
+class NoToken(Exception):  # noqa: N818 (a condition the user fixes, not a bug)
+    """No admin token was found; the message says where the command looked."""
 
 
 def _parser() -> argparse.ArgumentParser:
     help_text = "settings (environment variable, config-file key, default):\n" + describe(
         RegistrySettings, ENV_PREFIX
+    )
+    # --config is accepted before the command and after it; SUPPRESS keeps the command's
+    # copy from overwriting one given before it.
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="YAML file of settings",
     )
     parser = argparse.ArgumentParser(
         prog="client-registry",
@@ -31,19 +65,33 @@ def _parser() -> argparse.ArgumentParser:
         epilog=help_text,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "serve",
+        parents=[config_option],
         help="run the registry's HTTP API",
         epilog=help_text,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    clients = commands.add_parser("clients", help="manage clients through the API")
+    clients = commands.add_parser(
+        "clients",
+        parents=[config_option],
+        help="manage clients through the API",
+        description="Call the management API and print its JSON answer. The admin token is "
+        f"taken from {_LOOKUP_ORDER}; nothing is ever written.",
+    )
     clients.add_argument(
         "--url",
-        default=os.environ.get("REGISTRY_URL", "http://127.0.0.1:8081"),
-        help="registry base URL (env REGISTRY_URL)",
+        default=os.environ.get(_URL_VARIABLE, "http://127.0.0.1:8081"),
+        help=f"registry base URL (env {_URL_VARIABLE}; default http://127.0.0.1:8081)",
+    )
+    clients.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the admin token: the registry's tokens file (JSON), or the token alone",
     )
     actions = clients.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser("create", help="register a client; prints its key once")
@@ -74,9 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"client-registry: invalid setting: {exc}", file=sys.stderr)
         return 2
+    unknown = unknown_variables(RegistrySettings, ENV_PREFIX, also_known=frozenset({_URL_VARIABLE}))
     if args.command == "clients":
+        for variable in unknown:
+            print(f"client-registry: warning: {variable}", file=sys.stderr)
         return _clients(args, settings)
     logs.configure(settings.log_level)
+    log_unknown_variables(unknown, log)
     try:
         asyncio.run(app.serve(settings))
     except (DatabaseError, OSError) as exc:
@@ -85,8 +137,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _admin_token(token_file: Path | None, settings: RegistrySettings) -> tuple[str, str]:
+    """The admin token and where it came from, looked for in the order of ``_LOOKUP_ORDER``."""
+    if token_file is not None:
+        return _token_from(token_file), f"--token-file {token_file}"
+    if settings.admin_token:
+        return settings.admin_token, "REGISTRY_ADMIN_TOKEN"
+    path = settings.tokens_file
+    if path.exists():
+        return _token_from(path), f"the tokens file {path}"
+    raise NoToken(
+        "no admin token: --token-file is not given, REGISTRY_ADMIN_TOKEN is not set, and "
+        f"there is no tokens file {path.resolve()} (REGISTRY_TOKENS_FILE). Run this where "
+        "'client-registry serve' runs, or pass --token-file with its tokens file"
+    )
+
+
+def _token_from(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise NoToken(f"cannot read the token file {path}: {exc.strerror}") from None
+    if text.startswith("{"):
+        try:
+            token = json.loads(text).get("admin_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise NoToken(f"{path}: expected JSON with an 'admin_token' string, or a bare token")
+        return token
+    if not text or len(text.split()) != 1:
+        raise NoToken(f"{path}: expected the admin token alone, or the registry's tokens file")
+    return text
+
+
 def _clients(args: argparse.Namespace, settings: RegistrySettings) -> int:
-    admin_token, _ = app.tokens(settings)
+    try:
+        token, source = _admin_token(args.token_file, settings)
+    except NoToken as exc:
+        print(f"client-registry: {exc}", file=sys.stderr)
+        return 2
     base = args.url.rstrip("/")
     action = args.action
     roles = [r.strip() for r in getattr(args, "roles", "").split(",") if r.strip()]
@@ -117,13 +207,18 @@ def _clients(args: argparse.Namespace, settings: RegistrySettings) -> int:
         base + path,
         method=method,
         data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
             text = reply.read().decode()
     except urllib.error.HTTPError as exc:
         print(exc.read().decode() or json.dumps({"error": exc.code}), file=sys.stderr)
+        if exc.code in (401, 403):
+            print(
+                f"client-registry: {base} refused the admin token from {source}",
+                file=sys.stderr,
+            )
         return 1
     except urllib.error.URLError as exc:
         print(f"client-registry: cannot reach {base}: {exc.reason}", file=sys.stderr)

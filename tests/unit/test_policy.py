@@ -320,6 +320,14 @@ class TestPolicyFile:
             ("default: allow\nrules: [{id: a}]", "rules[0] (a).allow: required"),
             ("default: allow\nrules: [{id: a, allow: {roles: []}}]", "(a).allow.roles"),
             ("default: allow\nrules: [{id: a, allow: all}]", "(a).allow: required"),
+            (
+                "default: allow\nrules: [{id: a, allow: {role: [admin]}}]",
+                "(a).allow.role: unknown field; did you mean 'roles'? expected 'roles' and/or",
+            ),
+            (
+                "default: allow\nrules: [{id: a, allow: {roles: [a], colour: red}}]",
+                "(a).allow.colour: unknown field; expected 'roles' and/or 'clients'",
+            ),
             ("default: allow\nrules: [{id: a, allow: any, colour: red}]", "(a).colour: unknown"),
             (
                 "default: allow\nrules: [{id: a, allow: any, methods: [FETCH]}]",

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from authz_service.settings import Settings, SettingsError, describe, load
+from authz_service.config import unknown_variables
+from authz_service.settings import ENV_PREFIX, Settings, SettingsError, describe, load
+from client_registry.settings import ENV_PREFIX as REGISTRY_PREFIX
+from client_registry.settings import RegistrySettings
 
 
 def test_defaults_need_no_configuration() -> None:
@@ -39,7 +42,18 @@ def test_the_environment_overrides_the_config_file(tmp_path: Path) -> None:
             {"AUTHZ_HTTP_ADDRESS": "unix:/x"},
             "AUTHZ_HTTP_ADDRESS (http_address): expected host:port",
         ),
-        ({"AUTHZ_CHECK_TIMEOUT": "fast"}, "AUTHZ_CHECK_TIMEOUT (check_timeout): could not convert"),
+        (
+            {"AUTHZ_CHECK_TIMEOUT": "fast"},
+            "AUTHZ_CHECK_TIMEOUT (check_timeout): must be a number of seconds; got 'fast'",
+        ),
+        (
+            {"AUTHZ_GRPC_WORKERS": "many"},
+            "AUTHZ_GRPC_WORKERS (grpc_workers): must be a whole number; got 'many'",
+        ),
+        (
+            {"AUTHZ_COLD_LOOKUP_RATE": "lots"},
+            "AUTHZ_COLD_LOOKUP_RATE (cold_lookup_rate): must be a number; got 'lots'",
+        ),
         ({"AUTHZ_CHECK_TIMEOUT": "0"}, "AUTHZ_CHECK_TIMEOUT (check_timeout): must be between"),
         ({"AUTHZ_MAX_KEY_LENGTH": "8"}, "AUTHZ_MAX_KEY_LENGTH (max_key_length): must be between"),
         ({"AUTHZ_REQUIRE_KEY_CHECKSUM": "maybe"}, "AUTHZ_REQUIRE_KEY_CHECKSUM"),
@@ -70,10 +84,55 @@ def test_unix_sockets_are_accepted_for_grpc() -> None:
     )
 
 
+def test_an_unparsable_number_is_reported_once_in_our_words() -> None:
+    """The value appears once, after the setting's name and what it must be."""
+    with pytest.raises(SettingsError) as error:
+        load(environ={"AUTHZ_CHECK_TIMEOUT": "abc"})
+    assert str(error.value).count("abc") == 1
+    assert "could not convert" not in str(error.value)
+
+
+def test_unknown_variables_with_the_prefix_are_reported_with_the_likely_setting() -> None:
+    """A typo is named with a suggestion; settings and other programs' variables are not."""
+    environ = {
+        "AUTHZ_CHEK_TIMEOUT": "0.2",
+        "AUTHZ_COLOUR": "red",
+        "AUTHZ_REALM": "mine",
+        "PATH": "/bin",
+    }
+    unknown = unknown_variables(Settings, ENV_PREFIX, environ)
+    assert [(u.name, u.suggestion) for u in unknown] == [
+        ("AUTHZ_CHEK_TIMEOUT", "AUTHZ_CHECK_TIMEOUT"),
+        ("AUTHZ_COLOUR", None),
+    ]
+    assert str(unknown[0]) == (
+        "AUTHZ_CHEK_TIMEOUT is not a setting and is ignored (did you mean AUTHZ_CHECK_TIMEOUT?)"
+    )
+
+
+def test_unknown_variables_never_include_values() -> None:
+    """A mistyped token variable's value (a secret) is not repeated."""
+    unknown = unknown_variables(Settings, ENV_PREFIX, {"AUTHZ_REGISTRY_TOKN": "s3cret-value"})
+    assert "s3cret-value" not in str(unknown)
+
+
+def test_the_registry_settings_get_the_same_warnings() -> None:
+    """The machinery is shared: REGISTRY_ typos are found too, and extra names can be known."""
+    environ = {"REGISTRY_ADMN_TOKEN": "x", "REGISTRY_URL": "http://r"}
+    unknown = unknown_variables(RegistrySettings, REGISTRY_PREFIX, environ)
+    assert [(u.name, u.suggestion) for u in unknown] == [
+        ("REGISTRY_ADMN_TOKEN", "REGISTRY_ADMIN_TOKEN"),
+        ("REGISTRY_URL", None),
+    ]
+    known = frozenset({"REGISTRY_URL"})
+    assert len(unknown_variables(RegistrySettings, REGISTRY_PREFIX, environ, known)) == 1
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("colour: red", "unknown setting 'colour'"),
+        ("colour: red", "unknown setting 'colour'$"),
+        ("chek_timeout: 1", "unknown setting 'chek_timeout' \\(did you mean 'check_timeout'\\?\\)"),
         ("[1]", "expected a mapping"),
         ("a: [", "not valid YAML"),
     ],

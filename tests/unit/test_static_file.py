@@ -13,7 +13,16 @@ import yaml
 from authz_service import apikeys
 from authz_service.model import ApiKey, Client, Credential
 from authz_service.reasons import Reason
-from authz_service.registry.static_file import KeysFileError, StaticFileRegistry, add_key, parse
+from authz_service.registry.static_file import (
+    KeysFileError,
+    StaticFileRegistry,
+    add_key,
+    key_id,
+    parse,
+    parse_with_warnings,
+    revoke_key,
+    rotate_key,
+)
 from tests.fakes import wait_for
 
 HASH = "a" * 64
@@ -45,6 +54,49 @@ class TestParse:
         """An empty file is valid and denies everything."""
         assert parse("", "f") == {}
 
+    @pytest.mark.parametrize(
+        ("text", "warning"),
+        [
+            ("", "f: no keys, so every check is denied unknown_key"),
+            ("version: 1\nkeys: []", "f: no keys, so every check is denied unknown_key"),
+            ("keys:\n- {sha256: " + HASH + ", client_id: c, client_name: n}", "f: no 'version: 1'"),
+        ],
+    )
+    def test_an_empty_or_version_less_file_gets_a_warning(self, text: str, warning: str) -> None:
+        """Valid, but probably not what was meant: the warning says why."""
+        _, warnings = parse_with_warnings(text, "f")
+        assert len(warnings) == 1
+        assert warnings[0].startswith(warning)
+
+    def test_a_complete_file_gets_no_warning(self) -> None:
+        """A file with a version and keys is read silently."""
+        assert parse_with_warnings(document(entry()), "f")[1] == []
+
+    def test_parse_logs_the_warnings(self, caplog: pytest.LogCaptureFixture) -> None:
+        """The server's loader calls parse, so the warning reaches its log."""
+        with caplog.at_level(logging.WARNING):
+            parse("", "keys.yaml")
+        (record,) = caplog.records
+        assert record.fields["event"] == "keys_file_warning"  # type: ignore[attr-defined]
+        assert "no keys" in record.fields["warning"]  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize(
+        ("value", "message"),
+        [
+            (apikeys.generate(), "this looks like a key, not its hash (value not shown)"),
+            ("not-a-hash-at-all", "this looks like a key, not its hash (value not shown)"),
+            ("sha256:" + HASH, "write the hash without its 'sha256:' prefix"),
+            (HASH.upper(), "write the hash in lower case"),
+            ("abc123", "expected the 64 hex characters of a SHA-256, got 6 (value not shown)"),
+        ],
+    )
+    def test_a_bad_hash_is_never_repeated_in_the_error(self, value: str, message: str) -> None:
+        """A key pasted where its hash belongs is redacted, and the error says what it is."""
+        with pytest.raises(KeysFileError) as error:
+            parse(document(entry(sha256=value)), "f")
+        assert str(error.value).startswith(f"f: keys[0].sha256: {message}")
+        assert value not in str(error.value)
+
     def test_expiry_accepts_iso_timestamps_and_treats_naive_ones_as_utc(self) -> None:
         """Both YAML timestamps and quoted strings work."""
         aware = parse(document(entry(expires_at="2030-01-01T00:00:00+00:00")), "f")[HASH]
@@ -64,7 +116,7 @@ class TestParse:
             ("colour: red", "f: unknown top-level field 'colour'"),
             ("keys: {}", "f: keys: expected a list"),
             (document("x"), "f: keys[0]: expected a mapping"),  # type: ignore[arg-type]
-            (document(entry(sha256="ABC")), "f: keys[0].sha256: 'ABC' does not match"),
+            (document(entry(sha256="ABC")), "f: keys[0].sha256: expected the 64 hex"),
             (document(entry(sha256=None)), "f: keys[0].sha256: required"),
             (document(entry(client_id="")), "f: keys[0].client_id: required"),
             (document(entry(client_id="a b")), "f: keys[0].client_id: 'a b' does not match"),
@@ -211,3 +263,126 @@ class TestAddKey:
         with pytest.raises(KeysFileError):
             add_key(path, "c-1", "One")
         assert path.read_text() == "keys: ["
+
+
+def client_keys(path: Path, client_id: str) -> dict[str, object]:
+    """The state of each of a client's entries, by key id."""
+    entries = yaml.safe_load(path.read_text())["keys"]
+    return {
+        key_id(e["sha256"]): (e["enabled"], e.get("expires_at"))
+        for e in entries
+        if e["client_id"] == client_id
+    }
+
+
+class TestRevokeKey:
+    def test_a_key_is_disabled_by_its_key_id_and_stays_listed(self, tmp_path: Path) -> None:
+        """Its entry says enabled: false; the client's other keys and clients are untouched."""
+        path = tmp_path / "keys.yaml"
+        first = key_id(apikeys.hash_key(add_key(path, "c-1", "One")))
+        second = key_id(apikeys.hash_key(add_key(path, "c-1", "One")))
+        assert revoke_key(path, first) == (first, "c-1", True)
+        assert client_keys(path, "c-1") == {first: (False, None), second: (True, None)}
+
+    def test_revoking_twice_says_so_and_changes_nothing(self, tmp_path: Path) -> None:
+        """The second revoke reports that the key was already disabled."""
+        path = tmp_path / "keys.yaml"
+        kid = key_id(apikeys.hash_key(add_key(path, "c-1", "One")))
+        revoke_key(path, kid)
+        assert revoke_key(path, kid) == (kid, "c-1", False)
+
+    def test_a_unique_start_of_the_key_id_is_enough(self, tmp_path: Path) -> None:
+        """Six hex characters name a key when no other key starts with them."""
+        path = tmp_path / "keys.yaml"
+        kid = key_id(apikeys.hash_key(add_key(path, "c-1", "One")))
+        assert revoke_key(path, kid[:6].upper())[0] == kid
+
+    @pytest.mark.parametrize(
+        ("argument", "message"),
+        [
+            ("0" * 12, "no key id starts with '000000000000'"),
+            ("abc", "at least 6 hex characters"),
+        ],
+    )
+    def test_an_unknown_or_too_short_key_id_is_refused(
+        self, tmp_path: Path, argument: str, message: str
+    ) -> None:
+        """Nothing is written when the key id names no key."""
+        path = tmp_path / "keys.yaml"
+        add_key(path, "c-1", "One")
+        before = path.read_text()
+        with pytest.raises(KeysFileError, match=message):
+            revoke_key(path, argument)
+        assert path.read_text() == before
+
+    def test_a_key_given_instead_of_its_id_is_not_repeated(self, tmp_path: Path) -> None:
+        """Pasting the key itself gets an error that does not echo it."""
+        path = tmp_path / "keys.yaml"
+        key = add_key(path, "c-1", "One")
+        with pytest.raises(KeysFileError) as error:
+            revoke_key(path, key)
+        assert "this looks like a key, not a key id" in str(error.value)
+        assert key not in str(error.value)
+
+    def test_a_missing_file_is_an_error(self, tmp_path: Path) -> None:
+        """Revoke never creates a keys file."""
+        with pytest.raises(KeysFileError, match="keys file not found"):
+            revoke_key(tmp_path / "none.yaml", "a" * 12)
+        assert not (tmp_path / "none.yaml").exists()
+
+
+class TestRotateKey:
+    def test_the_old_keys_stop_at_once_without_an_expiry(self, tmp_path: Path) -> None:
+        """The new key has the client's name and roles; the old ones are disabled."""
+        path = tmp_path / "keys.yaml"
+        old = key_id(apikeys.hash_key(add_key(path, "c-1", "One", ("reader",))))
+        new_key, retired = rotate_key(path, "c-1", now=1000.0)
+        new = key_id(apikeys.hash_key(new_key))
+        assert retired == [old]
+        assert client_keys(path, "c-1") == {old: (False, None), new: (True, None)}
+        records = parse(path.read_text(), "f")
+        assert records[apikeys.hash_key(new_key)].client == Client("c-1", "One", ("reader",))
+
+    def test_the_old_keys_may_keep_working_until_an_expiry(self, tmp_path: Path) -> None:
+        """With an expiry the old keys stay enabled and get expires_at, in UTC."""
+        path = tmp_path / "keys.yaml"
+        old_key = add_key(path, "c-1", "One")
+        old = key_id(apikeys.hash_key(old_key))
+        _, retired = rotate_key(path, "c-1", old_keys_expire_at=1893456000.0, now=1000.0)
+        assert retired == [old]
+        assert client_keys(path, "c-1")[old] == (True, "2030-01-01T00:00:00Z")
+        assert parse(path.read_text(), "f")[apikeys.hash_key(old_key)].expires_at == 1893456000.0
+
+    def test_an_earlier_expiry_is_kept(self, tmp_path: Path) -> None:
+        """Rotation never extends the life of an old key."""
+        path = tmp_path / "keys.yaml"
+        first = key_id(apikeys.hash_key(add_key(path, "c-1", "One")))
+        second = key_id(apikeys.hash_key(rotate_key(path, "c-1", 2000.0, now=1000.0)[0]))
+        _, retired = rotate_key(path, "c-1", old_keys_expire_at=5000.0, now=1500.0)
+        assert retired == [first, second]
+        assert client_keys(path, "c-1")[first] == (True, "1970-01-01T00:33:20Z")
+        assert client_keys(path, "c-1")[second] == (True, "1970-01-01T01:23:20Z")
+
+    def test_disabled_expired_and_other_clients_keys_are_left_alone(self, tmp_path: Path) -> None:
+        """Only the client's usable keys are retired."""
+        path = tmp_path / "keys.yaml"
+        off = key_id(apikeys.hash_key(add_key(path, "c-1", "One")))
+        revoke_key(path, off)
+        other = key_id(apikeys.hash_key(add_key(path, "c-2", "Two")))
+        _, retired = rotate_key(path, "c-1", now=1000.0)
+        assert retired == []
+        assert client_keys(path, "c-2") == {other: (True, None)}
+
+    def test_an_unknown_client_is_refused(self, tmp_path: Path) -> None:
+        """Rotate needs the client's name and roles from an existing entry."""
+        path = tmp_path / "keys.yaml"
+        add_key(path, "c-1", "One")
+        with pytest.raises(KeysFileError, match="no key for client 'c-9'"):
+            rotate_key(path, "c-9")
+
+    def test_editing_a_version_less_file_adds_the_version(self, tmp_path: Path) -> None:
+        """Every command writes the canonical form."""
+        path = tmp_path / "keys.yaml"
+        path.write_text("keys:\n- {sha256: " + HASH + ", client_id: c-1, client_name: One}\n")
+        rotate_key(path, "c-1")
+        assert parse_with_warnings(path.read_text(), "f")[1] == []

@@ -7,6 +7,7 @@ invalid file later is logged and the last good version keeps serving.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -15,24 +16,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from authz_service import apikeys
+from authz_service import apikeys, credentials
 from authz_service.contract import CLIENT_ID_PATTERN, MAX_NAME_LENGTH, MAX_ROLES, ROLE_PATTERN
 from authz_service.model import Client, Credential
 from authz_service.reasons import Reason
 from authz_service.watched_file import WatchedFile
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 FORMAT_VERSION = 1
-_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-_MAX_NAME_LENGTH = MAX_NAME_LENGTH
-_MAX_ROLES = MAX_ROLES
+_SHA256_LENGTH = 64
+_SHA256_PATTERN = re.compile(rf"[0-9a-f]{{{_SHA256_LENGTH}}}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+KEY_ID_LENGTH = credentials.KEY_ID_LENGTH  # as in the decision log's key_id
+_MIN_KEY_ID_LENGTH = 6
 _ENTRY_FIELDS = frozenset({"sha256", "client_id", "client_name", "roles", "enabled", "expires_at"})
 _HEADER = (
     "# authz-service keys file: SHA-256 hashes of API keys, never the keys themselves.\n"
-    "# Add a key with: authz-service keys add --client-id ID --client-name NAME [--roles r1,r2]\n"
+    "# Manage it with: authz-service keys add|list|revoke|rotate (see authz-service keys --help)\n"
 )
 
 
@@ -48,11 +54,25 @@ class KeyRecord:
 
 
 def parse(text: str, source: str) -> dict[str, KeyRecord]:
-    """Parse and validate a keys file; return its records by key hash."""
+    """Parse and validate a keys file; return its records by key hash. Warnings (see
+    ``parse_with_warnings``) are logged, once per version of the file."""
+    records, warnings = parse_with_warnings(text, source)
+    for warning in warnings:
+        log.warning(
+            "keys file warning",
+            extra={"fields": {"event": "keys_file_warning", "path": source, "warning": warning}},
+        )
+    return records
+
+
+def parse_with_warnings(text: str, source: str) -> tuple[dict[str, KeyRecord], list[str]]:
+    """Parse and validate a keys file; return its records by key hash, and what is valid but
+    probably a mistake: no keys at all, or no ``version``."""
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise KeysFileError(f"{source}: not valid YAML: {exc}") from None
+    warnings = []
     if document is None:
         document = {"version": FORMAT_VERSION, "keys": []}
     if not isinstance(document, dict):
@@ -60,12 +80,19 @@ def parse(text: str, source: str) -> dict[str, KeyRecord]:
     unknown = set(document) - {"version", "keys"}
     if unknown:
         raise KeysFileError(f"{source}: unknown top-level field {sorted(unknown)[0]!r}")
-    if document.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+    if "version" not in document:
+        warnings.append(
+            f"{source}: no 'version: {FORMAT_VERSION}' line; it is read as version "
+            f"{FORMAT_VERSION}, but say so, so that a later format is never misread"
+        )
+    elif document["version"] != FORMAT_VERSION:
         raise KeysFileError(f"{source}: version: only version {FORMAT_VERSION} is understood")
     entries = document.get("keys")
     entries = [] if entries is None else entries
     if not isinstance(entries, list):
         raise KeysFileError(f"{source}: keys: expected a list")
+    if not entries:
+        warnings.append(f"{source}: no keys, so every check is denied unknown_key")
 
     records: dict[str, KeyRecord] = {}
     names: dict[str, tuple[str, int]] = {}
@@ -82,7 +109,7 @@ def parse(text: str, source: str) -> dict[str, KeyRecord]:
                 f"in keys[{first[1]}]"
             )
         records[key_hash] = record
-    return records
+    return records, warnings
 
 
 def _parse_entry(entry: Any, where: str) -> tuple[str, KeyRecord]:
@@ -100,14 +127,14 @@ def _parse_entry(entry: Any, where: str) -> tuple[str, KeyRecord]:
             raise KeysFileError(f"{where}.{name}: {value!r} does not match {pattern.pattern}")
         return value
 
-    key_hash = text("sha256", _SHA256_PATTERN)
+    key_hash = _key_hash(entry.get("sha256"), f"{where}.sha256")
     client_id = text("client_id", CLIENT_ID_PATTERN)
     name = text("client_name")
-    if len(name) > _MAX_NAME_LENGTH or not name.isprintable():
-        raise KeysFileError(f"{where}.client_name: at most {_MAX_NAME_LENGTH} printable characters")
+    if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise KeysFileError(f"{where}.client_name: at most {MAX_NAME_LENGTH} printable characters")
     roles = entry.get("roles", [])
-    if not isinstance(roles, list) or len(roles) > _MAX_ROLES:
-        raise KeysFileError(f"{where}.roles: expected a list of at most {_MAX_ROLES} roles")
+    if not isinstance(roles, list) or len(roles) > MAX_ROLES:
+        raise KeysFileError(f"{where}.roles: expected a list of at most {MAX_ROLES} roles")
     for role in roles:
         if not isinstance(role, str) or not ROLE_PATTERN.fullmatch(role):
             raise KeysFileError(f"{where}.roles: {role!r} does not match {ROLE_PATTERN.pattern}")
@@ -117,6 +144,26 @@ def _parse_entry(entry: Any, where: str) -> tuple[str, KeyRecord]:
     expires_at = _parse_expiry(entry.get("expires_at"), f"{where}.expires_at")
     client = Client(client_id=client_id, name=name, roles=tuple(dict.fromkeys(roles)))
     return key_hash, KeyRecord(client=client, enabled=enabled, expires_at=expires_at)
+
+
+def _key_hash(value: object, where: str) -> str:
+    # A wrong value is never repeated in the error: it may be the key itself, or part of it.
+    if not isinstance(value, str) or not value:
+        raise KeysFileError(f"{where}: required, a non-empty string")
+    if _SHA256_PATTERN.fullmatch(value):
+        return value
+    if value.startswith("sha256:") and _SHA256_PATTERN.fullmatch(value[len("sha256:") :]):
+        raise KeysFileError(f"{where}: write the hash without its 'sha256:' prefix")
+    if not _HEX.fullmatch(value):
+        raise KeysFileError(
+            f"{where}: this looks like a key, not its hash (value not shown); store the key's "
+            "SHA-256 as 64 lower-case hex characters, as 'authz-service keys add' does"
+        )
+    if len(value) == _SHA256_LENGTH:
+        raise KeysFileError(f"{where}: write the hash in lower case")
+    raise KeysFileError(
+        f"{where}: expected the 64 hex characters of a SHA-256, got {len(value)} (value not shown)"
+    )
 
 
 def _parse_expiry(value: object, where: str) -> float | None:
@@ -134,6 +181,12 @@ def _parse_expiry(value: object, where: str) -> float | None:
     return value.timestamp()
 
 
+def key_id(key_hash: str) -> str:
+    """The name of a key in listings and in the decision log: the start of its hash (not
+    secret, since the hash is not)."""
+    return key_hash[:KEY_ID_LENGTH]
+
+
 def add_key(
     path: Path,
     client_id: str,
@@ -142,11 +195,77 @@ def add_key(
     prefix: str = apikeys.DEFAULT_PREFIX,
 ) -> str:
     """Generate a key, append its hash to the keys file (created if missing), return the key."""
-    text = path.read_text() if path.exists() else ""
-    parse(text, str(path))  # refuse to extend a file that is already invalid
-    document = yaml.safe_load(text) or {"version": FORMAT_VERSION, "keys": []}
     key = apikeys.generate(prefix)
-    entry: dict[str, object] = {
+
+    def add(entries: list[dict[str, Any]]) -> None:
+        entries.append(_new_entry(key, client_id, client_name, roles))
+
+    _edit(path, add, missing_ok=True)
+    return key
+
+
+def revoke_key(path: Path, key_id_or_prefix: str) -> tuple[str, str, bool]:
+    """Disable the one key whose hash starts with ``key_id_or_prefix``; return its key id, its
+    client id, and whether it was enabled until now. The entry stays, so listings show it."""
+    wanted = _key_id_argument(key_id_or_prefix)
+
+    def revoke(entries: list[dict[str, Any]]) -> tuple[str, str, bool]:
+        matches = [e for e in entries if str(e.get("sha256", "")).startswith(wanted)]
+        if not matches:
+            raise KeysFileError(f"{path}: no key id starts with {wanted!r} (see 'keys list')")
+        if len(matches) > 1:
+            raise KeysFileError(f"{path}: {len(matches)} keys start with {wanted!r}; give more")
+        (entry,) = matches
+        was_enabled = entry.get("enabled", True) is True
+        entry["enabled"] = False
+        return key_id(entry["sha256"]), str(entry["client_id"]), was_enabled
+
+    return _edit(path, revoke)
+
+
+def rotate_key(
+    path: Path,
+    client_id: str,
+    old_keys_expire_at: float | None = None,
+    prefix: str = apikeys.DEFAULT_PREFIX,
+    now: float | None = None,
+) -> tuple[str, list[str]]:
+    """Give a client a new key (same name and roles as its latest entry) and retire its other
+    usable keys: disabled at once, or, with ``old_keys_expire_at`` (Unix time), expiring then
+    unless they expire sooner. Return the new key and the key ids of the retired ones."""
+    now = time.time() if now is None else now
+    key = apikeys.generate(prefix)
+
+    def rotate(entries: list[dict[str, Any]]) -> list[str]:
+        own = [e for e in entries if e.get("client_id") == client_id]
+        if not own:
+            raise KeysFileError(
+                f"{path}: no key for client {client_id!r}; create one with 'keys add'"
+            )
+        retired = []
+        for entry in own:
+            expires_at = _parse_expiry(entry.get("expires_at"), "expires_at")
+            if entry.get("enabled", True) is not True or (
+                expires_at is not None and expires_at <= now
+            ):
+                continue
+            if old_keys_expire_at is None:
+                entry["enabled"] = False
+            elif expires_at is None or old_keys_expire_at < expires_at:
+                entry["expires_at"] = format_expiry(old_keys_expire_at)
+            retired.append(key_id(entry["sha256"]))
+        latest = own[-1]
+        roles = tuple(latest.get("roles") or ())
+        entries.append(_new_entry(key, client_id, str(latest["client_name"]), roles))
+        return retired
+
+    return key, _edit(path, rotate)
+
+
+def _new_entry(
+    key: str, client_id: str, client_name: str, roles: tuple[str, ...]
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
         "sha256": apikeys.hash_key(key),
         "client_id": client_id,
         "client_name": client_name,
@@ -154,11 +273,44 @@ def add_key(
     }
     if roles:
         entry["roles"] = list(roles)
-    document["keys"] = [*(document.get("keys") or []), entry]
-    new_text = _HEADER + yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
-    parse(new_text, str(path))  # the new entry must be valid before anything is written
+    return entry
+
+
+def _key_id_argument(value: str) -> str:
+    if not _HEX.fullmatch(value):
+        raise KeysFileError(
+            "this looks like a key, not a key id (value not shown); give the key id that "
+            "'authz-service keys list' shows"
+        )
+    if len(value) < _MIN_KEY_ID_LENGTH:
+        raise KeysFileError(f"a key id has at least {_MIN_KEY_ID_LENGTH} hex characters")
+    return value.lower()
+
+
+def format_expiry(unix_time: float) -> str:
+    """A Unix time as the keys file writes ``expires_at``: ISO 8601, UTC, whole seconds."""
+    return datetime.fromtimestamp(unix_time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _edit(path: Path, change: Callable[[list[dict[str, Any]]], T], missing_ok: bool = False) -> T:
+    """Apply ``change`` to the entries of a valid keys file and write the result, only if it is
+    valid too. The file is rewritten in the canonical form, with a version."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if not missing_ok:
+            raise KeysFileError(f"{path}: keys file not found") from None
+        text = ""
+    parse_with_warnings(text, str(path))  # refuse to build on a file that is already invalid
+    document = yaml.safe_load(text) or {}
+    entries: list[dict[str, Any]] = document.get("keys") or []
+    result = change(entries)
+    new_text = _HEADER + yaml.safe_dump(
+        {"version": FORMAT_VERSION, "keys": entries}, sort_keys=False, allow_unicode=True
+    )
+    parse_with_warnings(new_text, str(path))  # the change must be valid before it is written
     _write_atomically(path, new_text)
-    return key
+    return result
 
 
 def _write_atomically(path: Path, text: str) -> None:
