@@ -61,8 +61,9 @@ def test_keys_of_equal_clients_share_one_client_object() -> None:
     store.put(KEY_A, Client("cl_alice", "Alice", ("reader",)))
     store.put(KEY_B, Client("cl_alice", "Alice", ("reader",)), 1_900_000_000.0)
     store.put(KEY_C, Client("cl_alice", "Alice", ("reader",)))
-    found = [store.get(key) for key in (KEY_A, KEY_B, KEY_C)]
-    assert all(record is not None and record[0] is found[0][0] for record in found)  # type: ignore[index]
+    records = [store.get(key) for key in (KEY_A, KEY_B, KEY_C)]
+    assert None not in records
+    assert len({id(record[0]) for record in records if record}) == 1
 
 
 def test_a_changed_client_is_served_for_the_keys_put_with_it() -> None:
@@ -130,6 +131,15 @@ def test_a_digest_that_is_not_32_bytes_is_refused(length: int) -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         store.delete(b"k" * length)
     assert len(store) == 0
+
+
+def test_a_hex_digest_is_refused_and_never_found() -> None:
+    """The former key form, a hex string, is an error to store and a miss to look up."""
+    store = KeyStore[Client]()
+    store.put(KEY_A, ALICE)
+    with pytest.raises(ValueError, match="32 bytes"):
+        store.put(KEY_B.hex()[:32], ALICE)  # type: ignore[arg-type]
+    assert store.get(KEY_A.hex()) is None  # type: ignore[arg-type]
 
 
 def test_a_store_built_in_bulk_equals_one_made_by_puts() -> None:
