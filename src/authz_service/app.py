@@ -12,17 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2
 
 from authz_service import grpc_server, http_server
 from authz_service.admin.servicer import AdminServicer
+from authz_service.answers import AnswerSettings
 from authz_service.breaker import CircuitBreaker
 from authz_service.changes import RecentChanges
 from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
-from authz_service.envoy_codec import CodecSettings, Encoder
+from authz_service.envoy_codec import Encoder
 from authz_service.feed import ChangeFeed, FeedSettings
 from authz_service.health import Health, supervise
+from authz_service.http_check import HttpCheckServer, HttpCheckSettings
 from authz_service.metrics import Metrics
 from authz_service.policy import Policy, PolicyError, PolicyFile
 from authz_service.registry import ChangeConsumer, Registry
@@ -188,68 +191,9 @@ async def _serve(
     health_state: Health,
     policy: Callable[[], Policy] | None,
 ) -> None:
-    workers = settings.grpc_workers
-    checker = Checker(
-        registry,
-        CheckSettings(
-            credential_rules=CredentialRules(
-                max_key_length=settings.max_key_length,
-                key_prefix=settings.key_prefix,
-                require_checksum=settings.require_key_checksum,
-            ),
-            check_timeout=settings.check_timeout,
-            max_waiting=settings.max_concurrent_checks,
-            # A quarter of the workers (at least one) never wait for the registry.
-            max_waiting_threads=max(1, workers - max(1, workers // 4)),
-            allow_non_http=settings.non_http_requests == "allow",
-        ),
-        asyncio.get_running_loop(),
-        metrics,
-        policy,
-    )
+    checker = _checker(settings, registry, metrics, policy)
     metrics.watch_checks(checker)
-    encoder = Encoder(
-        CodecSettings(
-            client_id_header=settings.client_id_header,
-            client_name_header=settings.client_name_header,
-            client_roles_header=settings.client_roles_header,
-            realm=settings.realm,
-            retry_after_seconds=settings.retry_after,
-        )
-    )
     health_servicer = health.HealthServicer()
-    server = grpc_server.build_server(
-        grpc_server.AuthorizationServicer(checker, encoder, settings.max_message_bytes),
-        health_servicer,
-        workers=workers,
-    )
-    # Optional servers on grpc.aio: the access-log streams and the admin API.
-    optional: list[tuple[str, str, str, grpc.aio.Server]] = []
-    if settings.access_log_address:
-        access_logs = grpc_server.AccessLogServicer(
-            metrics, settings.access_log_client_header or None, settings.access_log_token
-        )
-        optional.append(
-            (
-                "access_log",
-                settings.access_log_address,
-                "AUTHZ_ACCESS_LOG_ADDRESS (access_log_address)",
-                grpc_server.build_access_log_server(access_logs, settings.max_message_bytes),
-            )
-        )
-    if settings.admin_address:
-        optional.append(
-            (
-                "admin",
-                settings.admin_address,
-                "AUTHZ_ADMIN_ADDRESS (admin_address)",
-                grpc_server.build_admin_server(AdminServicer(checker)),
-            )
-        )
-    # The ports actually bound (an address may ask for port 0), reported in the "serving" line.
-    ports = {"grpc": _listen(server, settings.grpc_address, "AUTHZ_GRPC_ADDRESS (grpc_address)")}
-    for name, address, setting, aio_server in optional:
-        ports[name] = _listen(aio_server, address, setting)
     draining = False
 
     def not_ready() -> list[str]:
@@ -261,24 +205,8 @@ async def _serve(
             reasons.append("shutting down")
         return reasons
 
-    server.start()
-    for *_, aio_server in optional:
-        await aio_server.start()
-
-    async def stop_servers(grace: float | None) -> None:
-        for *_, aio_server in optional:
-            await aio_server.stop(None)
-        await asyncio.to_thread(server.stop(grace).wait)
-
-    try:
-        runner = await http_server.start(settings.http_address, not_ready, metrics.exposition)
-        ports["http"] = runner.addresses[0][1]
-    except OSError as exc:
-        await stop_servers(None)
-        raise StartupError(
-            f"AUTHZ_HTTP_ADDRESS (http_address): cannot listen on {settings.http_address}: "
-            f"{exc.strerror}"
-        ) from None
+    servers = _Servers(settings, checker, metrics, health_servicer)
+    ports = await servers.start(not_ready)
     # Everything built so far lives as long as the process: move it out of the cyclic GC's
     # reach, so that collections triggered by per-check garbage do not re-scan it every time.
     gc.freeze()
@@ -296,10 +224,11 @@ async def _serve(
                 "grpc_address": settings.grpc_address,
                 "grpc_port": ports["grpc"],
                 "ports": ports,
-                "grpc_workers": workers,
+                "grpc_workers": settings.grpc_workers,
                 "http_address": settings.http_address,
                 "access_log_address": settings.access_log_address or None,
                 "admin_address": settings.admin_address or None,
+                "http_check_address": settings.http_check_address or None,
             }
         },
     )
@@ -322,9 +251,130 @@ async def _serve(
     health_task.cancel()
     health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_delay)
-    await stop_servers(settings.shutdown_grace)
-    await runner.cleanup()
+    await servers.stop(settings.shutdown_grace)
     log.info("stopped", extra={"fields": {"event": "stopped"}})
+
+
+def _checker(
+    settings: Settings, registry: Registry, metrics: Metrics, policy: Callable[[], Policy] | None
+) -> Checker:
+    workers = settings.grpc_workers
+    return Checker(
+        registry,
+        CheckSettings(
+            credential_rules=CredentialRules(
+                max_key_length=settings.max_key_length,
+                key_prefix=settings.key_prefix,
+                require_checksum=settings.require_key_checksum,
+            ),
+            check_timeout=settings.check_timeout,
+            max_waiting=settings.max_concurrent_checks,
+            # A quarter of the workers (at least one) never wait for the registry.
+            max_waiting_threads=max(1, workers - max(1, workers // 4)),
+            allow_non_http=settings.non_http_requests == "allow",
+        ),
+        asyncio.get_running_loop(),
+        metrics,
+        policy,
+    )
+
+
+class _Servers:
+    """Every listening server: the gRPC check server (a thread pool), the HTTP check server,
+    the access-log and admin servers (grpc.aio), and the HTTP port for probes and metrics."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        checker: Checker,
+        metrics: Metrics,
+        health_servicer: health.HealthServicer,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        answer_settings = AnswerSettings(
+            client_id_header=settings.client_id_header,
+            client_name_header=settings.client_name_header,
+            client_roles_header=settings.client_roles_header,
+            realm=settings.realm,
+            retry_after_seconds=settings.retry_after,
+        )
+        self._check = grpc_server.build_server(
+            grpc_server.AuthorizationServicer(
+                checker, Encoder(answer_settings), settings.max_message_bytes
+            ),
+            health_servicer,
+            workers=settings.grpc_workers,
+        )
+        self._http_check = (
+            HttpCheckServer(
+                checker,
+                answer_settings,
+                HttpCheckSettings(
+                    path_prefix=settings.http_check_path_prefix,
+                    max_body_bytes=settings.max_message_bytes,
+                ),
+            )
+            if settings.http_check_address
+            else None
+        )
+        self._aio: list[tuple[str, str, str, grpc.aio.Server]] = []
+        if settings.access_log_address:
+            access_logs = grpc_server.AccessLogServicer(
+                metrics, settings.access_log_client_header or None, settings.access_log_token
+            )
+            self._aio.append(
+                (
+                    "access_log",
+                    settings.access_log_address,
+                    "AUTHZ_ACCESS_LOG_ADDRESS (access_log_address)",
+                    grpc_server.build_access_log_server(access_logs, settings.max_message_bytes),
+                )
+            )
+        if settings.admin_address:
+            self._aio.append(
+                (
+                    "admin",
+                    settings.admin_address,
+                    "AUTHZ_ADMIN_ADDRESS (admin_address)",
+                    grpc_server.build_admin_server(AdminServicer(checker)),
+                )
+            )
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, not_ready: Callable[[], list[str]]) -> dict[str, int]:
+        """Listen everywhere; return the ports bound (an address may ask for port 0)."""
+        settings = self._settings
+        ports = {
+            "grpc": _listen(self._check, settings.grpc_address, "AUTHZ_GRPC_ADDRESS (grpc_address)")
+        }
+        for name, address, setting, server in self._aio:
+            ports[name] = _listen(server, address, setting)
+        try:
+            if self._http_check is not None:
+                where = "AUTHZ_HTTP_CHECK_ADDRESS (http_check_address)"
+                ports["http_check"] = await self._http_check.start(settings.http_check_address)
+            where = "AUTHZ_HTTP_ADDRESS (http_address)"
+            self._runner = await http_server.start(
+                settings.http_address, not_ready, self._metrics.exposition
+            )
+            ports["http"] = self._runner.addresses[0][1]
+        except OSError as exc:
+            await self.stop(0)
+            raise StartupError(f"{where}: cannot listen there: {exc.strerror}") from None
+        self._check.start()
+        for *_, server in self._aio:
+            await server.start()
+        return ports
+
+    async def stop(self, grace: float) -> None:
+        for *_, server in self._aio:
+            await server.stop(None)
+        if self._http_check is not None:
+            await self._http_check.stop(grace)
+        await asyncio.to_thread(self._check.stop(grace).wait)
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 def _listen(server: grpc.Server | grpc.aio.Server, address: str, setting: str) -> int:

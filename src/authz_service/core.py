@@ -8,7 +8,8 @@ in the one place it may wait:
 
 - ``check``, for a worker thread (the gRPC transport): the coroutine runs on the event loop
   while the thread waits, within the check's deadline;
-- ``check_async``, on the event loop (the HTTP transport): it awaits the coroutine.
+- ``check_on_loop``, on the event loop (the HTTP transport): it runs the coroutine as a task
+  of its own and returns a future of the decision, or the decision itself when nothing waits.
 
 This is the only place that turns failures into decisions: whatever goes wrong below (an
 exception, a deadline, a bound reached), the caller gets a deny, never an exception that would
@@ -105,26 +106,43 @@ class Checker:
             if not isinstance(decision, Decision):
                 decision = self._wait_on_loop(decision, self._budget(time_remaining))
         except Exception as exc:  # every failure is a deny, never an error
-            decision = _denial(exc)
+            decision = _denial(exc, trace.key_id)
         self._record(request, decision, started, trace)
         return decision
 
-    async def check_async(self, request: Request, time_remaining: float | None = None) -> Decision:
-        """``check``, on the event loop."""
+    def check_on_loop(
+        self, request: Request, time_remaining: float | None = None
+    ) -> Decision | asyncio.Future[Decision]:
+        """``check``, on the event loop: the decision, or, for a check that must wait for the
+        registry, a future of it (the rest of the check runs as a task of its own)."""
         started = time.perf_counter()
-        decision, trace = await self._decide_async(request, time_remaining)
-        self._record(request, decision, started, trace)
-        return decision
+        trace = Trace()
+        try:
+            decision = self._decide(request, trace)
+        except Exception as exc:  # as in check
+            decision = _denial(exc, trace.key_id)
+        if isinstance(decision, Decision):
+            self._record(request, decision, started, trace)
+            return decision
+        return self._loop.create_task(
+            self._finish(request, decision, self._budget(time_remaining), started)
+        )
 
     async def explain(
         self, request: Request, client: Client | None = None
     ) -> tuple[Decision, Trace]:
         """Decide as a check would, and say how, without logging or counting a decision. With
         ``client``, the credential and resolution steps are skipped for that client."""
-        if client is None:
-            return await self._decide_async(request, None)
         trace = Trace()
-        return self._authorize(request, client, trace), trace
+        if client is not None:
+            return self._authorize(request, client, trace), trace
+        try:
+            decision = self._decide(request, trace)
+            if not isinstance(decision, Decision):
+                decision = await self._within(decision, self._budget(None))
+        except Exception as exc:  # as in check
+            decision = _denial(exc, trace.key_id)
+        return decision, trace
 
     # --- the check, top to bottom --------------------------------------------------------------
     def _decide(self, request: Request, trace: Trace) -> Decision | Pending:
@@ -149,7 +167,7 @@ class Checker:
 
     def _admit(self, request: Request, trace: Trace, known: Known) -> Decision:
         if isinstance(known, Reason):
-            return Decision.deny(known)
+            return Decision.deny(known, key_id=trace.key_id)
         return self._authorize(request, known, trace)
 
     def _authorize(self, request: Request, client: Client, trace: Trace) -> Decision:
@@ -157,15 +175,17 @@ class Checker:
         verdict = self._policy().evaluate(request, client)
         trace.policy_path = verdict.path
         if verdict.allowed:
-            return Decision.allow(client, Reason.ALLOWED, verdict.rule, verdict.dry_run_rule)
-        return Decision.deny(verdict.reason, client, verdict.rule)
+            return Decision.allow(
+                client, Reason.ALLOWED, verdict.rule, verdict.dry_run_rule, trace.key_id
+            )
+        return Decision.deny(verdict.reason, client, verdict.rule, trace.key_id)
 
     # --- waiting, in one place per entry point -------------------------------------------------
     def _wait_on_loop(self, pending: Pending, budget: float) -> Decision:
         """A worker thread waits for the rest of its check, run on the event loop."""
         if not self._waiting_threads.acquire(blocking=False):
             pending.lookup.close()
-            return Decision.deny(Reason.OVERLOADED)
+            return Decision.deny(Reason.OVERLOADED, key_id=pending.trace.key_id)
         try:
             future = asyncio.run_coroutine_threadsafe(self._within(pending, budget), self._loop)
             try:
@@ -178,28 +198,28 @@ class Checker:
                     "no decision from the event loop in time; denying",
                     extra={"fields": {"event": "loop_backstop"}},
                 )
-                return Decision.deny(Reason.DEADLINE_EXCEEDED)
+                return Decision.deny(Reason.DEADLINE_EXCEEDED, key_id=pending.trace.key_id)
         finally:
             self._waiting_threads.release()
 
-    async def _decide_async(
-        self, request: Request, time_remaining: float | None
-    ) -> tuple[Decision, Trace]:
-        trace = Trace()
+    async def _finish(
+        self, request: Request, pending: Pending, budget: float, started: float
+    ) -> Decision:
+        """The rest of a check that ``check_on_loop`` could not decide at once."""
         try:
-            decision = self._decide(request, trace)
-            if not isinstance(decision, Decision):
-                decision = await self._within(decision, self._budget(time_remaining))
+            decision = await self._within(pending, budget)
         except Exception as exc:  # as in check
-            decision = _denial(exc)
-        return decision, trace
+            decision = _denial(exc, pending.trace.key_id)
+        self._record(request, decision, started, pending.trace)
+        return decision
 
     async def _within(self, pending: Pending, budget: float) -> Decision:
         """Run the rest of a check on the loop, within its deadline and the bound on waiting
         checks: an explicit 503 rather than a queue."""
         if budget <= 0 or self._waiting >= self._settings.max_waiting:
             pending.lookup.close()
-            return Decision.deny(Reason.DEADLINE_EXCEEDED if budget <= 0 else Reason.OVERLOADED)
+            reason = Reason.DEADLINE_EXCEEDED if budget <= 0 else Reason.OVERLOADED
+            return Decision.deny(reason, key_id=pending.trace.key_id)
         self._waiting += 1
         asked = time.perf_counter()
         try:
@@ -225,14 +245,14 @@ class Checker:
             self._metrics.decision(decision, elapsed, request.size)
 
 
-def _denial(exc: Exception) -> Decision:
+def _denial(exc: Exception, key_id: str | None) -> Decision:
     """The deny for a failure: its own reason for registry errors, 503 for the rest."""
     if isinstance(exc, TimeoutError):
-        return Decision.deny(Reason.DEADLINE_EXCEEDED)
+        return Decision.deny(Reason.DEADLINE_EXCEEDED, key_id=key_id)
     if isinstance(exc, RegistryError):
-        return Decision.deny(exc.reason)
+        return Decision.deny(exc.reason, key_id=key_id)
     log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
-    return Decision.deny(Reason.INTERNAL_ERROR)
+    return Decision.deny(Reason.INTERNAL_ERROR, key_id=key_id)
 
 
 def _no_policy() -> Policy:

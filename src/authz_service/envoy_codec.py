@@ -14,39 +14,26 @@ Wire rules (see Envoy's ext_authz filter and external_auth.proto documentation):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from urllib.parse import quote
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
+from authz_service import answers
+from authz_service.answers import AnswerSettings
 from authz_service.model import Client, Decision, Request
-from authz_service.reasons import OUTCOMES, UNAUTHORIZED, UNAVAILABLE, Reason
+from authz_service.reasons import OUTCOMES, Reason
 
-MAX_HEADER_VALUE_LENGTH = 256
-# Allow responses depend only on the client, and denials only on the reason and rule, so they
-# are built once and reused (never mutated after building). Bounded; cleared wholesale when full.
+# Allow responses depend only on the client and key, and denials only on the reason and rule, so
+# they are built once and reused (never mutated after building). Bounded; cleared when full.
 _MAX_CACHED_ALLOWS = 10_000
 _MAX_CACHED_DENIALS = 1_000
-# Printable ASCII except "%": everything else is percent-encoded, so a registry-supplied value can
-# never carry CR, LF or NUL into a header (Envoy would turn that request into a 500).
-_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 _NON_HTTP = Request(is_http=False)
 _TOO_LARGE = Request(is_http=True, problem=Reason.REQUEST_TOO_LARGE)
 _UNPARSABLE = Request(is_http=True, problem=Reason.REQUEST_UNPARSABLE)
 # The headers a check reads, besides the pseudo-headers Envoy sends as fields.
 _READ_HEADERS = frozenset({"authorization", "x-request-id", "traceparent", "tracestate"})
-
-
-@dataclass(frozen=True, slots=True)
-class CodecSettings:
-    client_id_header: str = "x-client-id"
-    client_name_header: str = "x-client-name"
-    client_roles_header: str = "x-client-roles"
-    realm: str = "authz-service"
-    retry_after_seconds: int = 1
 
 
 def decode(raw: bytes, max_bytes: int) -> Request:
@@ -144,18 +131,13 @@ def decode_access_logs(
 
 
 class Encoder:
-    """Builds CheckResponses, each at most once per client (allows) or per reason and rule
-    (denials)."""
+    """Builds CheckResponses, each at most once per client and key (allows) or per reason and
+    rule (denials)."""
 
-    def __init__(self, settings: CodecSettings) -> None:
+    def __init__(self, settings: AnswerSettings) -> None:
         self._settings = settings
-        self._identity_headers = (
-            settings.client_id_header,
-            settings.client_name_header,
-            settings.client_roles_header,
-        )
         self._denials: dict[tuple[Reason, str | None], CheckResponse] = {}
-        self._allows: dict[Client | None, CheckResponse] = {}
+        self._allows: dict[tuple[Client | None, str | None], CheckResponse] = {}
 
     def encode(self, decision: Decision) -> CheckResponse:
         if not decision.allowed:
@@ -166,68 +148,41 @@ class Encoder:
                     self._denials.clear()
                 denial = self._denials[key] = self._build_denial(*key)
             return denial
-        response = self._allows.get(decision.client)
+        allow_key = (decision.client, decision.key_id)
+        response = self._allows.get(allow_key)
         if response is None:
             if len(self._allows) >= _MAX_CACHED_ALLOWS:
                 self._allows.clear()
-            response = self._allows[decision.client] = self._build_allow(decision.client)
+            response = self._allows[allow_key] = self._build_allow(*allow_key)
         return response
 
-    def _build_allow(self, client: Client | None) -> CheckResponse:
+    def _build_allow(self, client: Client | None, key_id: str | None) -> CheckResponse:
         response = CheckResponse()
         response.status.code = 0
         ok = response.ok_response
-        if client is None:
-            ok.headers_to_remove.extend(("authorization", *self._identity_headers))
-            return response
-        values = (client.client_id, client.name, ",".join(client.roles))
-        for name, value in zip(self._identity_headers, values, strict=True):
-            if value:
-                ok.headers.append(
-                    HeaderValueOption(header=HeaderValue(key=name, value=sanitize(value)))
-                )
-            else:
-                ok.headers_to_remove.append(name)
-        ok.headers_to_remove.append("authorization")
-        response.dynamic_metadata.update(
-            {"client_id": client.client_id, "client_name": client.name}
+        headers, remove = answers.identity(client, self._settings)
+        ok.headers.extend(
+            HeaderValueOption(header=HeaderValue(key=name, value=value)) for name, value in headers
         )
+        ok.headers_to_remove.extend(remove)
+        if client is not None:
+            metadata = {"client_id": client.client_id, "client_name": client.name}
+            if key_id is not None:
+                metadata["key_id"] = key_id
+            response.dynamic_metadata.update(metadata)
         return response
 
-    def _build_denial(self, reason: Reason, rule: str | None = None) -> CheckResponse:
-        outcome = OUTCOMES[reason]
-        status = outcome.status
+    def _build_denial(self, reason: Reason, rule: str | None) -> CheckResponse:
         response = CheckResponse()
-        response.status.code = status.rpc_code
-        response.status.message = reason.value
-        if status.rpc_code == 0:
+        if OUTCOMES[reason].status.rpc_code == 0:
             return response  # allow-only reasons never reach a denial
+        status, rpc_code, headers, body = answers.denial(reason, rule, self._settings)
+        response.status.code = rpc_code
+        response.status.message = reason.value
         denied = response.denied_response
-        denied.status.code = status.http
-        headers = [
-            ("content-type", "application/json"),
-            ("cache-control", "no-store"),
-            ("x-ext-authz-reason", reason.value),
-        ]
-        body = {"error": status.error, "reason": reason.value, "message": outcome.message}
-        if rule is not None:  # rule ids come from the policy file or Envoy's route, never a client
-            headers.append(("x-ext-authz-rule", rule))
-            body["rule"] = rule
-        if status is UNAUTHORIZED:
-            realm = self._settings.realm.replace("\\", "\\\\").replace('"', '\\"')
-            headers.append(("www-authenticate", f'ApiKey realm="{realm}"'))
-        if status is UNAVAILABLE:
-            headers.append(("retry-after", str(self._settings.retry_after_seconds)))
+        denied.status.code = status
         denied.headers.extend(
             HeaderValueOption(header=HeaderValue(key=name, value=value)) for name, value in headers
         )
-        denied.body = json.dumps(body)
+        denied.body = body
         return response
-
-
-def sanitize(value: str) -> str:
-    """Make a registry-supplied string safe as an HTTP header value."""
-    value = value.strip()
-    if not (value.isascii() and value.isprintable() and "%" not in value):
-        value = quote(value, safe=_SAFE)
-    return value[:MAX_HEADER_VALUE_LENGTH]

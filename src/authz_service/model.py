@@ -112,6 +112,7 @@ class Decision(NamedTuple):
     client: Client | None = None  # on a deny too, when the client is known (a 403)
     rule: str | None = None  # the policy rule that decided, if one did
     dry_run_rule: str | None = None  # a dry-run rule that would have denied this allow
+    key_id: str | None = None  # the presented key's fingerprint, once it passed the offline check
 
     @classmethod
     def allow(
@@ -120,11 +121,16 @@ class Decision(NamedTuple):
         reason: Reason = Reason.ALLOWED,
         rule: str | None = None,
         dry_run_rule: str | None = None,
+        key_id: str | None = None,
     ) -> Decision:
-        return cls(True, reason, client, rule, dry_run_rule)
+        return cls(True, reason, client, rule, dry_run_rule, key_id)
 
     @classmethod
     def deny(
-        cls, reason: Reason, client: Client | None = None, rule: str | None = None
+        cls,
+        reason: Reason,
+        client: Client | None = None,
+        rule: str | None = None,
+        key_id: str | None = None,
     ) -> Decision:
-        return cls(False, reason, client, rule)
+        return cls(False, reason, client, rule, None, key_id)

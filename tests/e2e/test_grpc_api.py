@@ -14,7 +14,7 @@ from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_service import app
+from authz_service import apikeys, app
 from authz_service.model import Client
 from authz_service.settings import Settings
 from tests.e2e import harness
@@ -70,7 +70,11 @@ def test_grpcurl_check_with_a_valid_key_is_allowed(service: harness.Service, key
     assert reply["status"].get("code", 0) == 0
     headers = {h["header"]["key"]: h["header"]["value"] for h in reply["ok_response"]["headers"]}
     assert headers["x-client-id"] == "acme"
-    assert reply["dynamic_metadata"] == {"client_id": "acme", "client_name": "Acme Corp"}
+    assert reply["dynamic_metadata"] == {
+        "client_id": "acme",
+        "client_name": "Acme Corp",
+        "key_id": apikeys.hash_key(keys.acme)[:12],
+    }
 
 
 def test_grpcurl_check_with_an_unknown_key_is_denied(service: harness.Service) -> None:

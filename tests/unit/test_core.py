@@ -1,6 +1,6 @@
 """The check core decides, and fails closed: every error and every timeout is a deny, and every
 check is recorded once. Each specification runs through both entry points production uses:
-``check`` from a worker thread (the gRPC transport) and ``check_async`` on the event loop (the
+``check`` from a worker thread (the gRPC transport) and ``check_on_loop`` on the event loop (the
 HTTP transport)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from authz_service import apikeys
 from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
 from authz_service.metrics import Metrics
@@ -23,6 +24,13 @@ from tests.fakes import FakeRegistry
 
 KEY = "azk_known"
 CLIENT = Client(client_id="c-1", name="One")
+
+
+def kid(key: str = KEY) -> str:
+    """The key id every decision about a key carries."""
+    return apikeys.digest(key)[:6].hex()
+
+
 Decide = Callable[..., Awaitable[Decision]]
 
 
@@ -68,7 +76,7 @@ def registry() -> FakeRegistry:
 
 @pytest.fixture(params=["worker thread", "event loop"])
 def entry(request: pytest.FixtureRequest) -> Callable[[Checker], Decide]:
-    """How a transport calls the core: ``check`` on a thread, or ``check_async``."""
+    """How a transport calls the core: ``check`` on a thread, or ``check_on_loop``."""
 
     def on_thread(core: Checker) -> Decide:
         async def decide(request: Request, time_remaining: float | None = None) -> Decision:
@@ -77,7 +85,11 @@ def entry(request: pytest.FixtureRequest) -> Callable[[Checker], Decide]:
         return decide
 
     def on_loop(core: Checker) -> Decide:
-        return core.check_async
+        async def decide(request: Request, time_remaining: float | None = None) -> Decision:
+            outcome = core.check_on_loop(request, time_remaining)
+            return outcome if isinstance(outcome, Decision) else await outcome
+
+        return decide
 
     return on_thread if request.param == "worker thread" else on_loop
 
@@ -87,7 +99,7 @@ async def test_a_known_key_is_allowed_with_its_client(
 ) -> None:
     """The registry's client becomes the decision's client."""
     decision = await entry(checker(registry))(http(f"ApiKey {KEY}"))
-    assert decision == Decision.allow(CLIENT)
+    assert decision == Decision.allow(CLIENT, key_id=kid())
 
 
 @pytest.mark.parametrize(
@@ -102,7 +114,8 @@ async def test_registry_refusals_become_denials(
     registry: FakeRegistry, entry: Callable[[Checker], Decide], key: str, reason: Reason
 ) -> None:
     """Unknown, disabled and expired keys are denied with the registry's reason."""
-    assert await entry(checker(registry))(http(f"ApiKey {key}")) == Decision.deny(reason)
+    decision = await entry(checker(registry))(http(f"ApiKey {key}"))
+    assert decision == Decision.deny(reason, key_id=kid(key))
 
 
 async def test_malformed_credentials_are_denied_without_a_lookup(
@@ -123,7 +136,7 @@ async def test_a_slow_registry_is_a_503_within_our_timeout(
     loop = asyncio.get_running_loop()
     started = loop.time()
     decision = await entry(checker(registry, timeout=0.05))(http(f"ApiKey {KEY}"))
-    assert decision == Decision.deny(Reason.DEADLINE_EXCEEDED)
+    assert decision == Decision.deny(Reason.DEADLINE_EXCEEDED, key_id=kid())
     assert loop.time() - started < 1.0
 
 
@@ -135,7 +148,7 @@ async def test_the_callers_deadline_shortens_our_timeout(
     loop = asyncio.get_running_loop()
     started = loop.time()
     decision = await entry(checker(registry, timeout=10))(http(f"ApiKey {KEY}"), 0.06)
-    assert decision == Decision.deny(Reason.DEADLINE_EXCEEDED)
+    assert decision == Decision.deny(Reason.DEADLINE_EXCEEDED, key_id=kid())
     assert loop.time() - started < 1.0
 
 
@@ -145,7 +158,7 @@ async def test_a_call_without_a_deadline_gets_our_own_timeout(
 ) -> None:
     """grpcurl sends no deadline by default: the key is looked up and allowed as usual."""
     decision = await entry(checker(registry))(http(f"ApiKey {KEY}"), no_deadline)
-    assert decision == Decision.allow(CLIENT)
+    assert decision == Decision.allow(CLIENT, key_id=kid())
 
 
 @pytest.mark.parametrize(
@@ -162,7 +175,7 @@ async def test_any_unexpected_error_is_a_503_never_an_allow(
     registry.error = error
     with caplog.at_level(logging.ERROR):
         decision = await entry(checker(registry))(http(f"ApiKey {KEY}"))
-    assert decision == Decision.deny(Reason.INTERNAL_ERROR)
+    assert decision == Decision.deny(Reason.INTERNAL_ERROR, key_id=kid())
     assert "check failed" in caplog.text
 
 
@@ -178,7 +191,8 @@ async def test_registry_errors_are_denied_with_their_own_reason(
 ) -> None:
     """An unreachable or saturated registry is a 503 that says so."""
     registry.error = error
-    assert await entry(checker(registry))(http(f"ApiKey {KEY}")) == Decision.deny(reason)
+    decision = await entry(checker(registry))(http(f"ApiKey {KEY}"))
+    assert decision == Decision.deny(reason, key_id=kid())
 
 
 @pytest.mark.parametrize("problem", [Reason.REQUEST_TOO_LARGE, Reason.REQUEST_UNPARSABLE])
@@ -218,8 +232,8 @@ async def test_checks_beyond_the_waiting_bound_are_denied_at_once(
     request = http(f"ApiKey {KEY}")
     first = [asyncio.ensure_future(decide(request)) for _ in range(2)]
     await asyncio.sleep(0.1)
-    assert await decide(request) == Decision.deny(Reason.OVERLOADED)
-    assert list(await asyncio.gather(*first)) == [Decision.allow(CLIENT)] * 2
+    assert await decide(request) == Decision.deny(Reason.OVERLOADED, key_id=kid())
+    assert list(await asyncio.gather(*first)) == [Decision.allow(CLIENT, key_id=kid())] * 2
 
 
 async def test_worker_threads_waiting_for_the_registry_are_bounded() -> None:
@@ -230,8 +244,10 @@ async def test_worker_threads_waiting_for_the_registry_are_bounded() -> None:
     request = http(f"ApiKey {KEY}")
     first = asyncio.ensure_future(asyncio.to_thread(core.check, request))
     await asyncio.sleep(0.1)
-    assert await asyncio.to_thread(core.check, request) == Decision.deny(Reason.OVERLOADED)
-    assert await first == Decision.allow(CLIENT)
+    assert await asyncio.to_thread(core.check, request) == Decision.deny(
+        Reason.OVERLOADED, key_id=kid()
+    )
+    assert await first == Decision.allow(CLIENT, key_id=kid())
 
 
 class TestAuthorization:
@@ -247,14 +263,14 @@ class TestAuthorization:
     ) -> None:
         decide = entry(checker(registry, policy=self.POLICY))
         decision = await decide(http(f"ApiKey {KEY}", path="/admin/x"))
-        assert decision == Decision.deny(Reason.FORBIDDEN, CLIENT, "admin")
+        assert decision == Decision.deny(Reason.FORBIDDEN, CLIENT, "admin", kid())
 
     async def test_the_policy_never_sees_an_unidentified_request(
         self, registry: FakeRegistry, entry: Callable[[Checker], Decide]
     ) -> None:
         decide = entry(checker(registry, policy=self.POLICY))
         decision = await decide(http("ApiKey azk_unknown", path="/admin"))
-        assert decision == Decision.deny(Reason.UNKNOWN_KEY)
+        assert decision == Decision.deny(Reason.UNKNOWN_KEY, key_id=kid("azk_unknown"))
 
     async def test_explain_traces_without_logging_a_decision(
         self, registry: FakeRegistry, caplog: pytest.LogCaptureFixture
@@ -262,7 +278,7 @@ class TestAuthorization:
         request = http(f"ApiKey {KEY}", path="/admin/../admin")
         with caplog.at_level(logging.INFO, logger="authz_service.decision"):
             decision, trace = await checker(registry, policy=self.POLICY).explain(request)
-        assert decision == Decision.deny(Reason.FORBIDDEN, CLIENT, "admin")
+        assert decision == Decision.deny(Reason.FORBIDDEN, CLIENT, "admin", kid())
         assert (trace.resolution, trace.policy_path) == ("registry", "/admin")
         assert trace.key_id is not None
         assert len(trace.key_id) == 12
@@ -285,7 +301,7 @@ class TestRecording:
     ) -> None:
         metrics = Metrics()
         decision = await entry(checker(registry, metrics=metrics))(http(f"ApiKey {KEY}"))
-        assert decision == Decision.allow(CLIENT)
+        assert decision == Decision.allow(CLIENT, key_id=kid())
         assert registry.lookups == 1
         labels = {"client_id": "c-1", "decision": "allow", "reason": "allowed"}
         assert checks(labels, metrics) == 1
@@ -297,7 +313,7 @@ class TestRecording:
         decision = await entry(checker(registry, max_waiting=0, metrics=metrics))(
             http(f"ApiKey {KEY}")
         )
-        assert decision == Decision.deny(Reason.OVERLOADED)
+        assert decision == Decision.deny(Reason.OVERLOADED, key_id=kid())
         labels = {"client_id": "none", "decision": "deny", "reason": "overloaded"}
         assert checks(labels, metrics) == 1
 
@@ -317,3 +333,9 @@ class TestRecording:
             thread.join()
         labels = {"client_id": "c-1", "decision": "allow", "reason": "allowed"}
         assert checks(labels, metrics) == 16000
+
+
+async def test_on_the_loop_an_answer_in_memory_is_decided_at_once() -> None:
+    """No task and no waiting when the key's answer is in memory: the decision itself."""
+    core = checker(FakeRegistry({KEY: CLIENT}, in_memory=True))
+    assert core.check_on_loop(http(f"ApiKey {KEY}")) == Decision.allow(CLIENT, key_id=kid())

@@ -9,7 +9,8 @@ from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
-from authz_service.envoy_codec import CodecSettings, Encoder, decode, sanitize
+from authz_service.answers import AnswerSettings, sanitize
+from authz_service.envoy_codec import Encoder, decode
 from authz_service.model import Client, Decision, Request
 from authz_service.reasons import OUTCOMES, Reason
 
@@ -115,7 +116,7 @@ class TestDecode:
         assert decode(raw, max_bytes=1024).problem is Reason.REQUEST_UNPARSABLE
 
 
-ENCODER = Encoder(CodecSettings(realm='my "realm"', retry_after_seconds=7))
+ENCODER = Encoder(AnswerSettings(realm='my "realm"', retry_after_seconds=7))
 CLIENT = Client(client_id="c-1", name="Client One", roles=("reader", "writer"))
 
 
@@ -166,7 +167,7 @@ class TestEncodeAllow:
 
     def test_header_names_are_configurable(self) -> None:
         """Operators can rename the identity headers."""
-        encoder = Encoder(CodecSettings(client_id_header="x-app", client_name_header="x-app-name"))
+        encoder = Encoder(AnswerSettings(client_id_header="x-app", client_name_header="x-app-name"))
         response = encoder.encode(Decision.allow(CLIENT))
         assert set(headers_of(response.ok_response.headers)) == {
             "x-app",

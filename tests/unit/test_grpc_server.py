@@ -8,9 +8,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from authz_service.answers import AnswerSettings
 from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
-from authz_service.envoy_codec import CodecSettings, Encoder
+from authz_service.envoy_codec import Encoder
 from authz_service.grpc_server import AuthorizationServicer
 from tests.fakes import FakeRegistry
 
@@ -30,7 +31,7 @@ async def test_arbitrary_request_bytes_get_a_denial_and_never_an_error(raw: byte
         CheckSettings(CredentialRules(), check_timeout=1.0),
         asyncio.get_running_loop(),
     )
-    servicer = AuthorizationServicer(checker, Encoder(CodecSettings()), max_message_bytes=256)
+    servicer = AuthorizationServicer(checker, Encoder(AnswerSettings()), max_message_bytes=256)
     context: Any = Context()
     response = await asyncio.to_thread(servicer.check, raw, context)
     assert response.status.code != 0
