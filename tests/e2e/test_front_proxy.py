@@ -129,9 +129,7 @@ def test_envoy_fails_closed_when_the_service_is_down(
 ) -> None:
     """With authz-service stopped, Envoy answers 503 and the upstream is never reached."""
     with harness.authz_service(tmp_path, keys.path) as service:
-        config = harness.render_front_proxy(
-            harness.free_port(), harness.free_port(), service, upstream.port
-        )
+        config = harness.render_front_proxy(0, 0, service, upstream.port)
         with harness.envoy(tmp_path, config) as proxy:
             authorized = [("Authorization", f"ApiKey {keys.acme}")]
             assert harness.send(proxy.port, "/", authorized).status == 200

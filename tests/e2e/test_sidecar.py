@@ -49,9 +49,7 @@ def test_the_sidecar_checks_over_a_unix_socket(
         grpc_address=f"unix:{socket}",
         access_log_address=f"unix:{access_log_socket}",
     ):
-        config = render_sidecar(
-            harness.free_port(), harness.free_port(), socket, upstream.port, access_log_socket
-        )
+        config = render_sidecar(0, 0, socket, upstream.port, access_log_socket)
         with harness.envoy(tmp_path, config) as proxy:
             reply = harness.send(proxy.port, "/", [("Authorization", f"ApiKey {keys.acme}")])
             assert reply.status == 200
