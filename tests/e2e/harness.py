@@ -452,78 +452,66 @@ def registry_process(
         child.stop()
 
 
-def _set_ports(config: dict[str, Any], listener_port: int, admin_port: int) -> None:
+def render(
+    sample: Path,
+    listener_port: int,
+    admin_port: int,
+    endpoints: dict[str, int],
+    access_log_token: str = "",
+) -> dict[str, Any]:
+    """A sample Envoy config, unchanged but for its addresses: its listener and admin on
+    loopback (port 0: Envoy picks one, and `envoy()` reports it), each cluster named in
+    ``endpoints`` at that port on loopback, and the access-log token where the sample has its
+    placeholder (without a token the placeholder stays, and the service ignores it)."""
+    config: dict[str, Any] = yaml.safe_load(sample.read_text())
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
     (listener,) = config["static_resources"]["listeners"]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listener_port)
-
-
-def _set_endpoints(config: dict[str, Any], ports: dict[str, int]) -> None:
-    """Point each cluster named in ``ports`` at that port on loopback."""
     for cluster in config["static_resources"]["clusters"]:
         for group in cluster["load_assignment"]["endpoints"]:
             for endpoint in group["lb_endpoints"]:
                 endpoint["endpoint"]["address"]["socket_address"].update(
-                    address="127.0.0.1", port_value=ports[cluster["name"]]
+                    address="127.0.0.1", port_value=endpoints[cluster["name"]]
                 )
-
-
-def _set_access_log_token(config: dict[str, Any], token: str) -> None:
-    """Put the service's token where the sample has its placeholder (initial_metadata of the
-    access-log streams); without a token the placeholder stays, and the service ignores it."""
-    if not token:
-        return
-    for listener in config["static_resources"]["listeners"]:
+    if access_log_token:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
                 for logger in network_filter["typed_config"].get("access_log", []):
                     grpc_service = logger["typed_config"]["common_config"]["grpc_service"]
                     for entry in grpc_service.get("initial_metadata", []):
                         if entry["key"] == "authorization":
-                            entry["value"] = f"Bearer {token}"
+                            entry["value"] = f"Bearer {access_log_token}"
+    return config
 
 
 def render_front_proxy(
     listener_port: int, admin_port: int, service: Service, upstream_port: int
 ) -> dict[str, Any]:
-    """envoy/front-proxy.yaml, unchanged but for its addresses (port 0: Envoy picks one, and
-    `envoy()` reports it) and the service's access-log token."""
-    config: dict[str, Any] = yaml.safe_load(FRONT_PROXY.read_text())
-    _set_ports(config, listener_port, admin_port)
-    _set_endpoints(
-        config,
-        {
-            "authz": service.grpc_port,
-            "authz_access_log": service.access_log_port,
-            "upstream": upstream_port,
-        },
-    )
-    _set_access_log_token(config, service.access_log_token)
-    return config
+    """envoy/front-proxy.yaml (ext_authz over gRPC) in front of ``service``."""
+    endpoints = {
+        "authz": service.grpc_port,
+        "authz_access_log": service.access_log_port,
+        "upstream": upstream_port,
+    }
+    return render(FRONT_PROXY, listener_port, admin_port, endpoints, service.access_log_token)
 
 
 def render_front_proxy_http(
     listener_port: int, admin_port: int, service: Service, upstream_port: int
 ) -> dict[str, Any]:
-    """envoy/front-proxy-http.yaml (ext_authz in HTTP mode, to the service's HTTP check
-    server), unchanged but for its addresses and the service's access-log token."""
+    """envoy/front-proxy-http.yaml (ext_authz in HTTP mode) in front of ``service``, checking
+    with its HTTP check server."""
     if not service.http_check_port:
         raise ValueError(
             "this service reports no http_check port: AUTHZ_HTTP_CHECK_ADDRESS is off, or this "
             "version of the service has no HTTP check server"
         )
-    config: dict[str, Any] = yaml.safe_load(FRONT_PROXY_HTTP.read_text())
-    _set_ports(config, listener_port, admin_port)
-    _set_endpoints(
-        config,
-        {
-            "authz_http": service.http_check_port,
-            "authz_access_log": service.access_log_port,
-            "upstream": upstream_port,
-        },
-    )
-    _set_access_log_token(config, service.access_log_token)
-    return config
+    endpoints = {
+        "authz_http": service.http_check_port,
+        "authz_access_log": service.access_log_port,
+        "upstream": upstream_port,
+    }
+    return render(FRONT_PROXY_HTTP, listener_port, admin_port, endpoints, service.access_log_token)
 
 
 @dataclass
