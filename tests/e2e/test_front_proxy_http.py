@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,30 @@ def test_the_health_route_skips_the_check_and_strips_identity(
     assert upstream.values(-1, "x-client-id") == []
     assert len(check_server.checks) == checks
     assert harness.send(proxy.port, "/healthz", [("x_client_id", "evil")]).status == 400
+
+
+def test_with_failure_mode_allow_a_5xx_answer_would_let_the_request_in(
+    tmp_path: Path,
+    check_server: CheckServer,
+    service: harness.Service,
+    upstream: harness.Upstream,
+) -> None:
+    """Why the sample (and Istio's failOpen) must stay fail-closed in HTTP mode: a 503 deny
+    becomes an allow, key included."""
+    endpoints = {
+        "authz_http": check_server.port,
+        "authz_access_log": service.access_log_port,
+        "upstream": upstream.port,
+    }
+    config = harness.render(harness.FRONT_PROXY_HTTP, 0, 0, endpoints)
+    (manager,) = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+    ext_authz = next(
+        f["typed_config"]
+        for f in manager["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.ext_authz"
+    )
+    ext_authz["failure_mode_allow"] = True
+    with harness.envoy(tmp_path, config) as fail_open:
+        reply = harness.send(fail_open.port, "/orders", [("Authorization", "ApiKey 503")])
+        assert reply.status == 200
+        assert upstream.values(-1, "authorization") == ["ApiKey 503"]
