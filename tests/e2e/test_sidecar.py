@@ -41,7 +41,8 @@ def render_sidecar(
 def test_the_sidecar_checks_over_a_unix_socket(
     tmp_path: Path, keys: Keys, upstream: harness.Upstream
 ) -> None:
-    """A valid key reaches the app with its identity; no key is 401; /healthz bypasses."""
+    """A valid key reaches the app with its identity; no key is 401; /healthz bypasses, with
+    identity headers stripped, and a header name with an underscore is refused."""
     socket, access_log_socket = tmp_path / "authz.sock", tmp_path / "access-log.sock"
     with harness.authz_service(
         tmp_path,
@@ -49,9 +50,7 @@ def test_the_sidecar_checks_over_a_unix_socket(
         grpc_address=f"unix:{socket}",
         access_log_address=f"unix:{access_log_socket}",
     ):
-        config = render_sidecar(
-            harness.free_port(), harness.free_port(), socket, upstream.port, access_log_socket
-        )
+        config = render_sidecar(0, 0, socket, upstream.port, access_log_socket)
         with harness.envoy(tmp_path, config) as proxy:
             reply = harness.send(proxy.port, "/", [("Authorization", f"ApiKey {keys.acme}")])
             assert reply.status == 200
@@ -59,3 +58,4 @@ def test_the_sidecar_checks_over_a_unix_socket(
             assert harness.send(proxy.port, "/").status == 401
             assert harness.send(proxy.port, "/healthz", [("x-client-id", "x")]).status == 200
             assert upstream.values(-1, "x-client-id") == []
+            assert harness.send(proxy.port, "/healthz", [("x_client_id", "x")]).status == 400

@@ -103,6 +103,12 @@ Contradictions that the schema cannot express fail the render here, each with th
 {{- if and $v.redis.url $v.redis.existingSecret -}}
   {{- fail "redis.url and redis.existingSecret are both set: choose one" -}}
 {{- end -}}
+{{- if and $v.accessLogToken.value $v.accessLogToken.existingSecret -}}
+  {{- fail "accessLogToken.value and accessLogToken.existingSecret are both set: choose one" -}}
+{{- end -}}
+{{- if and (not $v.ports.accessLog) (or $v.accessLogToken.value $v.accessLogToken.existingSecret) -}}
+  {{- fail "accessLogToken is set but ports.accessLog=0 turns the access-log service off" -}}
+{{- end -}}
 {{- if and $v.policy.existingConfigMap $v.policy.content -}}
   {{- fail "policy.existingConfigMap and policy.content are both set: choose one" -}}
 {{- end -}}
@@ -119,7 +125,7 @@ Contradictions that the schema cannot express fail the render here, each with th
   {{- fail "serviceMonitor.interval: use seconds or minutes, such as 30s" -}}
 {{- end -}}
 {{- range $name, $_ := $v.settings -}}
-  {{- if has $name (list "AUTHZ_GRPC_ADDRESS" "AUTHZ_GRPC_WORKERS" "AUTHZ_ACCESS_LOG_ADDRESS" "AUTHZ_HTTP_ADDRESS" "AUTHZ_REGISTRY" "AUTHZ_REGISTRY_URL" "AUTHZ_REGISTRY_TOKEN" "AUTHZ_KEYS_FILE" "AUTHZ_POLICY_FILE" "AUTHZ_REDIS_URL" "AUTHZ_CHECK_TIMEOUT" "AUTHZ_REGISTRY_TIMEOUT" "AUTHZ_DRAIN_DELAY" "AUTHZ_SHUTDOWN_GRACE" "AUTHZ_LOG_LEVEL") -}}
+  {{- if has $name (list "AUTHZ_GRPC_ADDRESS" "AUTHZ_GRPC_WORKERS" "AUTHZ_ACCESS_LOG_ADDRESS" "AUTHZ_ACCESS_LOG_TOKEN" "AUTHZ_HTTP_ADDRESS" "AUTHZ_HTTP_CHECK_ADDRESS" "AUTHZ_REGISTRY" "AUTHZ_REGISTRY_URL" "AUTHZ_REGISTRY_TOKEN" "AUTHZ_KEYS_FILE" "AUTHZ_POLICY_FILE" "AUTHZ_REDIS_URL" "AUTHZ_CHECK_TIMEOUT" "AUTHZ_REGISTRY_TIMEOUT" "AUTHZ_DRAIN_DELAY" "AUTHZ_SHUTDOWN_GRACE" "AUTHZ_LOG_LEVEL") -}}
     {{- fail (printf "settings.%s is set by the chart from its own values: use those instead" $name) -}}
   {{- end -}}
 {{- end -}}

@@ -1,0 +1,233 @@
+"""envoy/front-proxy-http.yaml through a real Envoy, against a stand-in check server that
+answers by the HTTP wire contract: what the check carries, and what Envoy does with each kind
+of answer. (The parity of authz-service's two transports is tested against the real server.)"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import harness
+
+pytestmark = pytest.mark.e2e
+ALLOW = [
+    ("x-client-id", "acme"),
+    ("x-client-name", "Acme Corp"),
+    ("x-client-roles", "reader"),
+    ("x-envoy-auth-headers-to-remove", "authorization"),
+    ("x-authz-client-id", "acme"),
+    ("x-authz-client-name", "Acme Corp"),
+    ("x-authz-key-id", "0123abcd"),
+    ("x-unlisted", "never forwarded"),
+]
+DENY = [
+    ("www-authenticate", 'ApiKey realm="authz-service"'),
+    ("retry-after", "1"),
+    ("x-ext-authz-reason", "some_reason"),
+    ("x-ext-authz-rule", "some-rule"),
+    ("content-type", "application/json"),
+    ("cache-control", "no-store"),
+    ("ratelimit", "limit=10, remaining=0, reset=1"),
+    ("ratelimit-policy", "10;w=1"),
+    ("x-unlisted", "never forwarded"),
+]
+DENY_BODY = b'{"error": "denied", "reason": "some_reason"}'
+
+
+@dataclass
+class CheckServer:
+    """Answers `Authorization: ApiKey allow` with an allow, `ApiKey <status>` with that deny;
+    records every check request it gets."""
+
+    port: int = 0
+    checks: list[tuple[str, str, list[tuple[str, str]]]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def check_server() -> Iterator[CheckServer]:
+    stub = CheckServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def answer(self) -> None:
+            stub.checks.append((self.command, self.path, list(self.headers.items())))
+            key = self.headers.get("authorization", "").removeprefix("ApiKey ")
+            status, headers, body = (
+                (200, ALLOW, b"") if key == "allow" else (int(key), DENY, DENY_BODY)
+            )
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self.answer()
+
+        def do_POST(self) -> None:
+            self.answer()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    stub.port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield stub
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory,
+    check_server: CheckServer,
+    service: harness.Service,
+    upstream: harness.Upstream,
+) -> Iterator[harness.Envoy]:
+    """The sample, checking with the stand-in; access logs go to a real authz-service."""
+    endpoints = {
+        "authz_http": check_server.port,
+        "authz_access_log": service.access_log_port,
+        "upstream": upstream.port,
+    }
+    config = harness.render(harness.FRONT_PROXY_HTTP, 0, 0, endpoints)
+    with harness.envoy(tmp_path_factory.mktemp("envoy-http"), config) as running:
+        yield running
+
+
+SPOOFED = [
+    ("X-Client-Id", "evil"),
+    ("x-client-id", "evil-2"),
+    ("x-client-roles", "admin"),
+    ("x-authz-route-required-roles", "none"),
+    ("x-authz-client-id", "evil"),
+    ("cookie", "session=secret"),
+]
+
+
+def test_an_allow_gives_the_upstream_our_identity_and_nothing_else_of_the_answer(
+    proxy: harness.Envoy, upstream: harness.Upstream
+) -> None:
+    reply = harness.send(proxy.port, "/orders", [("Authorization", "ApiKey allow"), *SPOOFED])
+    assert reply.status == 200
+    assert upstream.values(-1, "x-client-id") == ["acme"]
+    assert upstream.values(-1, "x-client-name") == ["Acme Corp"]
+    assert upstream.values(-1, "x-client-roles") == ["reader"]
+    assert upstream.values(-1, "authorization") == []
+    assert upstream.values(-1, "x-authz-client-id") == ["evil"]  # the client's own, not ours
+    assert upstream.values(-1, "x-unlisted") == []
+
+
+def test_the_check_carries_method_path_query_host_and_the_listed_headers_only(
+    proxy: harness.Envoy, check_server: CheckServer
+) -> None:
+    """No body, no cookie, no client copy of a route header; the filter's timeout in ms."""
+    harness.send(
+        proxy.port,
+        "/orders/1?page=2",
+        [
+            ("Authorization", "ApiKey 401"),
+            ("x-request-id", "r-1"),
+            ("traceparent", "00-1-2-01"),
+            *SPOOFED,
+        ],
+        method="POST",
+    )
+    method, path, headers = check_server.checks[-1]
+    assert (method, path) == ("POST", "/orders/1?page=2")
+    assert dict(headers) == {
+        "host": f"127.0.0.1:{proxy.port}",
+        "content-length": "0",
+        "authorization": "ApiKey 401",
+        "x-request-id": "r-1",
+        "traceparent": "00-1-2-01",
+        "x-envoy-internal": "true",
+        "x-envoy-expected-rq-timeout-ms": "250",
+    }
+
+
+def test_the_billing_route_adds_its_requirements_to_the_check_once(
+    proxy: harness.Envoy, check_server: CheckServer
+) -> None:
+    harness.send(proxy.port, "/billing/invoices", [("Authorization", "ApiKey 403"), *SPOOFED])
+    _, path, headers = check_server.checks[-1]
+    assert path == "/billing/invoices"
+    route = [(k, v) for k, v in headers if k.startswith("x-authz-route-")]
+    assert route == [
+        ("x-authz-route-required-roles", "billing,admin"),
+        ("x-authz-route-rule-id", "billing-route"),
+    ]
+    assert ("authorization", "ApiKey 403") in headers
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 413, 429])
+def test_a_deny_reaches_the_client_with_its_status_body_and_listed_headers(
+    proxy: harness.Envoy, upstream: harness.Upstream, status: int
+) -> None:
+    before = len(upstream.seen)
+    reply = harness.send(proxy.port, "/orders", [("Authorization", f"ApiKey {status}")])
+    assert reply.status == status
+    assert reply.body == DENY_BODY
+    for name, value in DENY:
+        assert reply.header(name) == (None if name == "x-unlisted" else value)
+    assert len(upstream.seen) == before
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_5xx_answer_is_a_failed_check_to_envoy_and_loses_its_body_and_headers(
+    proxy: harness.Envoy, upstream: harness.Upstream, status: int
+) -> None:
+    """Envoy's http_service treats any 5xx as an error, not a deny: status_on_error (503)
+    applies, with Envoy's empty body, and failure_mode_allow: true would let it through."""
+    before = len(upstream.seen)
+    reply = harness.send(proxy.port, "/orders", [("Authorization", f"ApiKey {status}")])
+    assert (reply.status, reply.body, reply.header("x-ext-authz-reason")) == (503, b"", None)
+    assert len(upstream.seen) == before
+
+
+def test_the_health_route_skips_the_check_and_strips_identity(
+    proxy: harness.Envoy, upstream: harness.Upstream, check_server: CheckServer
+) -> None:
+    checks = len(check_server.checks)
+    reply = harness.send(proxy.port, "/healthz", [("x-client-id", "evil")])
+    assert reply.status == 200
+    assert upstream.values(-1, "x-client-id") == []
+    assert len(check_server.checks) == checks
+    assert harness.send(proxy.port, "/healthz", [("x_client_id", "evil")]).status == 400
+
+
+def test_with_failure_mode_allow_a_5xx_answer_would_let_the_request_in(
+    tmp_path: Path,
+    check_server: CheckServer,
+    service: harness.Service,
+    upstream: harness.Upstream,
+) -> None:
+    """Why the sample (and Istio's failOpen) must stay fail-closed in HTTP mode: a 503 deny
+    becomes an allow, key included."""
+    endpoints = {
+        "authz_http": check_server.port,
+        "authz_access_log": service.access_log_port,
+        "upstream": upstream.port,
+    }
+    config = harness.render(harness.FRONT_PROXY_HTTP, 0, 0, endpoints)
+    (manager,) = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+    ext_authz = next(
+        f["typed_config"]
+        for f in manager["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.ext_authz"
+    )
+    ext_authz["failure_mode_allow"] = True
+    with harness.envoy(tmp_path, config) as fail_open:
+        reply = harness.send(fail_open.port, "/orders", [("Authorization", "ApiKey 503")])
+        assert reply.status == 200
+        assert upstream.values(-1, "authorization") == ["ApiKey 503"]
