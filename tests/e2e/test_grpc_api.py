@@ -116,6 +116,7 @@ def settings(**overrides: Any) -> Settings:
         http_address=f"127.0.0.1:{harness.free_port()}",
         admin_address="",
         access_log_address="",
+        http_check_address="",
         keys_file=Path("unused"),
         **overrides,
     )
