@@ -46,11 +46,13 @@ LOOP_BACKSTOP_SLACK = 0.05
 
 
 class Pending(NamedTuple):
-    """The rest of a check that must wait for I/O: a registry lookup, and what then decides."""
+    """The rest of a check that must wait for I/O: what it waits for (a registry lookup), and
+    what then decides, which may wait again."""
 
-    lookup: Coroutine[Any, Any, Known]
-    then: Callable[[Known], Decision]
+    work: Coroutine[Any, Any, Any]
+    then: Callable[[Any], Decision | Pending]
     trace: Trace
+    timed: Callable[[Trace, float], None]  # records the wait in the trace (decision log)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +163,9 @@ class Checker:
         known = self.registry.lookup(credential)
         if not isinstance(known, Client | Reason):
             trace.resolution = "registry"
-            return Pending(known, functools.partial(self._admit, request, trace), trace)
+            return Pending(
+                known, functools.partial(self._admit, request, trace), trace, _registry_wait
+            )
         trace.resolution = "memory"
         return self._admit(request, trace, known)
 
@@ -184,7 +188,7 @@ class Checker:
     def _wait_on_loop(self, pending: Pending, budget: float) -> Decision:
         """A worker thread waits for the rest of its check, run on the event loop."""
         if not self._waiting_threads.acquire(blocking=False):
-            pending.lookup.close()
+            pending.work.close()
             return Decision.deny(Reason.OVERLOADED, key_id=pending.trace.key_id)
         try:
             future = asyncio.run_coroutine_threadsafe(self._within(pending, budget), self._loop)
@@ -217,18 +221,23 @@ class Checker:
         """Run the rest of a check on the loop, within its deadline and the bound on waiting
         checks: an explicit 503 rather than a queue."""
         if budget <= 0 or self._waiting >= self._settings.max_waiting:
-            pending.lookup.close()
+            pending.work.close()
             reason = Reason.DEADLINE_EXCEEDED if budget <= 0 else Reason.OVERLOADED
             return Decision.deny(reason, key_id=pending.trace.key_id)
         self._waiting += 1
-        asked = time.perf_counter()
         try:
             async with asyncio.timeout(budget):
-                known = await pending.lookup
+                step: Decision | Pending = pending
+                while isinstance(step, Pending):
+                    started = time.perf_counter()
+                    try:
+                        done = await step.work
+                    finally:
+                        step.timed(step.trace, time.perf_counter() - started)
+                    step = step.then(done)
+                return step
         finally:
             self._waiting -= 1
-            pending.trace.registry_seconds = time.perf_counter() - asked
-        return pending.then(known)
 
     def _budget(self, time_remaining: float | None) -> float:
         """Our timeout, shortened by the caller's deadline if it has one (gRPC reports a huge
@@ -253,6 +262,10 @@ def _denial(exc: Exception, key_id: str | None) -> Decision:
         return Decision.deny(exc.reason, key_id=key_id)
     log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
     return Decision.deny(Reason.INTERNAL_ERROR, key_id=key_id)
+
+
+def _registry_wait(trace: Trace, seconds: float) -> None:
+    trace.registry_seconds = seconds
 
 
 def _no_policy() -> Policy:
