@@ -385,6 +385,9 @@ def _parse_rule(entry: Any, where: str, strip_parameters: bool) -> Rule:
         bad = sorted(methods - _METHODS)
         if bad:
             raise PolicyError(f"{where}.methods: {bad[0]!r} is not an HTTP method")
+        if "GET" in methods:
+            # Servers answer HEAD with their GET handler: a rule about GET is about HEAD too.
+            methods |= {"HEAD"}
 
     case_sensitive = entry.get("case_sensitive", True)
     if not isinstance(case_sensitive, bool):

@@ -458,3 +458,18 @@ def test_the_segment_index_decides_as_trying_every_rule_would(
     assert verdict(_SAMPLE, client, path, method=method, host=host) == verdict(
         _UNINDEXED, client, path, method=method, host=host
     )
+
+
+def test_a_rule_about_get_is_about_head_too() -> None:
+    """HEAD runs the GET handler on most servers, so a GET-only deny must not let HEAD pass."""
+    policy = parse(
+        "default: allow\n"
+        "rules: [{id: read, methods: [GET], paths: [{prefix: /admin}], allow: {roles: [admin]}}]",
+        "p",
+    )
+    client = Client("c", "C", ("reader",))
+    for method in ("GET", "HEAD"):
+        request = Request(is_http=True, method=method, path="/admin/x")
+        assert policy.evaluate(request, client).rule == "read"
+        assert not policy.evaluate(request, client).allowed
+    assert policy.evaluate(Request(is_http=True, method="POST", path="/admin"), client).allowed
