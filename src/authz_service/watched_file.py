@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from authz_service.health import supervise
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -48,7 +50,7 @@ class WatchedFile(Generic[T]):
     def watch(self) -> None:
         """Poll the file from now on (call within the event loop, after ``load``)."""
         if self._reload_interval > 0:
-            self._watcher = asyncio.create_task(self._watch(), name=f"{self._event}-watcher")
+            self._watcher = supervise(f"{self._event}-watcher", self._watch)
 
     async def close(self) -> None:
         if self._watcher is not None:
