@@ -95,15 +95,20 @@ def send(
     method: str = "GET",
     *,
     timeout: float = 10,
+    body: bytes = b"",
 ) -> Response:
     """One HTTP/1.1 request on a fresh connection; repeated header names are sent as separate
-    lines, in order, exactly as given (no Accept-Encoding is added)."""
+    lines, in order, exactly as given (no Accept-Encoding is added, nor a Host when ``headers``
+    name one). A ``body`` is sent with its content-length."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
+        own_host = any(name.lower() == "host" for name, _ in headers)
+        conn.putrequest(method, path, skip_host=own_host, skip_accept_encoding=True)
         for name, value in headers:
             conn.putheader(name, value)
-        conn.endheaders()
+        if body:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body or None)
         reply = conn.getresponse()
         return Response(reply.status, reply.getheaders(), reply.read())
     finally:
@@ -210,10 +215,12 @@ def _new_file(directory: Path, prefix: str, suffix: str) -> Path:
 
 @dataclass
 class Upstream:
-    """An echo server that records the headers of every request it receives."""
+    """An echo server that records the headers of every request it receives (and its body, in
+    ``bodies``), whatever the method."""
 
     port: int
     seen: list[list[tuple[str, str]]] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
 
     def values(self, index: int, name: str) -> list[str]:
         return [v for k, v in self.seen[index] if k.lower() == name]
@@ -226,7 +233,9 @@ def echo_upstream(port: int = 0) -> Iterator[Upstream]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:
+        def answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            upstream.bodies.append(self.rfile.read(length))
             upstream.seen.append(list(self.headers.items()))
             status, content_type = 200, "application/json"
             body = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
@@ -239,6 +248,21 @@ def echo_upstream(port: int = 0) -> Iterator[Upstream]:
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self.answer()
+
+        def do_POST(self) -> None:
+            self.answer()
+
+        def do_PUT(self) -> None:
+            self.answer()
+
+        def do_PATCH(self) -> None:
+            self.answer()
+
+        def do_DELETE(self) -> None:
+            self.answer()
 
         def log_message(self, *args: object) -> None:
             pass
@@ -518,6 +542,11 @@ def render_front_proxy_http(
 class Envoy:
     port: int  # the first listener's bound port
     admin_port: int
+
+    def counters(self, prefix: str) -> dict[str, int]:
+        """Envoy's counters whose names start with ``prefix``, from its admin API."""
+        stats = send(self.admin_port, "/stats?format=json&type=Counters").json()["stats"]
+        return {s["name"]: int(s["value"]) for s in stats if s["name"].startswith(prefix)}
 
 
 @contextmanager
