@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ BIN = Path(sys.executable).parent
 _T = TypeVar("_T")
 _PROBE_TIMEOUT = 1.0  # one readiness probe; a wait makes many
 _LOG_TAIL_LINES = 40
+_MARKER = "harness-marker-"  # the x-request-id of Service.decisions()'s own checks
 
 
 def tool(name: str) -> str:
@@ -232,6 +234,9 @@ def echo_upstream(port: int = 0) -> Iterator[Upstream]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: with Nagle's algorithm on, the body would wait
+        # for the peer's delayed ACK (40 ms) on every answer.
+        disable_nagle_algorithm = True
 
         def answer(self) -> None:
             length = int(self.headers.get("content-length") or 0)
@@ -301,6 +306,8 @@ def wsgi_upstream() -> Iterator[WsgiUpstream]:
         daemon_threads = True
 
     class Handler(WSGIRequestHandler):
+        disable_nagle_algorithm = True  # as in echo_upstream
+
         def log_message(self, *args: object) -> None:
             pass
 
@@ -339,6 +346,34 @@ class Service:
 
     def logs(self) -> str:
         return self.log_path.read_text()
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """The decision log lines of every check answered so far, in order. A marker check is
+        sent to the HTTP check port and waited for: the log keeps the order of decisions, so
+        every check answered before it is in by then. Markers are left out."""
+        if not self.http_check_port:
+            raise ValueError("decisions() needs the HTTP check port, which is off here")
+        marker = f"{_MARKER}{uuid.uuid4()}"
+        send(self.http_check_port, "/", [("x-request-id", marker)])
+        found: list[dict[str, Any]] = []
+
+        def through_marker() -> bool:
+            found.clear()
+            for line in self.logs().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # not a JSON line, or one still being written
+                    continue
+                if not isinstance(record, dict) or record.get("event") != "decision":
+                    continue
+                if record.get("request_id") == marker:
+                    return True
+                if not str(record.get("request_id")).startswith(_MARKER):
+                    found.append(record)
+            return False
+
+        wait_until(through_marker, 10, "the marker decision")
+        return found
 
     def terminate(self, timeout: float = 15) -> int:
         if self.process.poll() is None:
