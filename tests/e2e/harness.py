@@ -335,6 +335,7 @@ class Service:
     access_log_port: int = 0
     http_check_port: int = 0
     access_log_token: str = ""  # AUTHZ_ACCESS_LOG_TOKEN, which the render helpers give Envoy
+    http_check_path_prefix: str = ""  # AUTHZ_HTTP_CHECK_PATH_PREFIX
 
     @property
     def grpc_target(self) -> str:
@@ -354,7 +355,7 @@ class Service:
         if not self.http_check_port:
             raise ValueError("decisions() needs the HTTP check port, which is off here")
         marker = f"{_MARKER}{uuid.uuid4()}"
-        send(self.http_check_port, "/", [("x-request-id", marker)])
+        send(self.http_check_port, f"{self.http_check_path_prefix}/", [("x-request-id", marker)])
         found: list[dict[str, Any]] = []
 
         def through_marker() -> bool:
@@ -422,6 +423,7 @@ def authz_service(
             access_log_port=ports.get("access_log", 0),
             http_check_port=ports.get("http_check", 0),
             access_log_token=env.get("AUTHZ_ACCESS_LOG_TOKEN", ""),
+            http_check_path_prefix=env.get("AUTHZ_HTTP_CHECK_PATH_PREFIX", ""),
         )
         child.wait_for(
             lambda: (
