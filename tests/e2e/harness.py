@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ BIN = Path(sys.executable).parent
 _T = TypeVar("_T")
 _PROBE_TIMEOUT = 1.0  # one readiness probe; a wait makes many
 _LOG_TAIL_LINES = 40
+_MARKER = "harness-marker-"  # the x-request-id of Service.decisions()'s own checks
 
 
 def tool(name: str) -> str:
@@ -95,15 +97,20 @@ def send(
     method: str = "GET",
     *,
     timeout: float = 10,
+    body: bytes = b"",
 ) -> Response:
     """One HTTP/1.1 request on a fresh connection; repeated header names are sent as separate
-    lines, in order, exactly as given (no Accept-Encoding is added)."""
+    lines, in order, exactly as given (no Accept-Encoding is added, nor a Host when ``headers``
+    name one). A ``body`` is sent with its content-length."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
+        own_host = any(name.lower() == "host" for name, _ in headers)
+        conn.putrequest(method, path, skip_host=own_host, skip_accept_encoding=True)
         for name, value in headers:
             conn.putheader(name, value)
-        conn.endheaders()
+        if body:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body or None)
         reply = conn.getresponse()
         return Response(reply.status, reply.getheaders(), reply.read())
     finally:
@@ -210,10 +217,12 @@ def _new_file(directory: Path, prefix: str, suffix: str) -> Path:
 
 @dataclass
 class Upstream:
-    """An echo server that records the headers of every request it receives."""
+    """An echo server that records the headers of every request it receives (and its body, in
+    ``bodies``), whatever the method."""
 
     port: int
     seen: list[list[tuple[str, str]]] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
 
     def values(self, index: int, name: str) -> list[str]:
         return [v for k, v in self.seen[index] if k.lower() == name]
@@ -225,8 +234,13 @@ def echo_upstream(port: int = 0) -> Iterator[Upstream]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: with Nagle's algorithm on, the body would wait
+        # for the peer's delayed ACK (40 ms) on every answer.
+        disable_nagle_algorithm = True
 
-        def do_GET(self) -> None:
+        def answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            upstream.bodies.append(self.rfile.read(length))
             upstream.seen.append(list(self.headers.items()))
             status, content_type = 200, "application/json"
             body = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
@@ -239,6 +253,21 @@ def echo_upstream(port: int = 0) -> Iterator[Upstream]:
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self.answer()
+
+        def do_POST(self) -> None:
+            self.answer()
+
+        def do_PUT(self) -> None:
+            self.answer()
+
+        def do_PATCH(self) -> None:
+            self.answer()
+
+        def do_DELETE(self) -> None:
+            self.answer()
 
         def log_message(self, *args: object) -> None:
             pass
@@ -277,6 +306,8 @@ def wsgi_upstream() -> Iterator[WsgiUpstream]:
         daemon_threads = True
 
     class Handler(WSGIRequestHandler):
+        disable_nagle_algorithm = True  # as in echo_upstream
+
         def log_message(self, *args: object) -> None:
             pass
 
@@ -304,6 +335,7 @@ class Service:
     access_log_port: int = 0
     http_check_port: int = 0
     access_log_token: str = ""  # AUTHZ_ACCESS_LOG_TOKEN, which the render helpers give Envoy
+    http_check_path_prefix: str = ""  # AUTHZ_HTTP_CHECK_PATH_PREFIX
 
     @property
     def grpc_target(self) -> str:
@@ -315,6 +347,34 @@ class Service:
 
     def logs(self) -> str:
         return self.log_path.read_text()
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """The decision log lines of every check answered so far, in order. A marker check is
+        sent to the HTTP check port and waited for: the log keeps the order of decisions, so
+        every check answered before it is in by then. Markers are left out."""
+        if not self.http_check_port:
+            raise ValueError("decisions() needs the HTTP check port, which is off here")
+        marker = f"{_MARKER}{uuid.uuid4()}"
+        send(self.http_check_port, f"{self.http_check_path_prefix}/", [("x-request-id", marker)])
+        found: list[dict[str, Any]] = []
+
+        def through_marker() -> bool:
+            found.clear()
+            for line in self.logs().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # not a JSON line, or one still being written
+                    continue
+                if not isinstance(record, dict) or record.get("event") != "decision":
+                    continue
+                if record.get("request_id") == marker:
+                    return True
+                if not str(record.get("request_id")).startswith(_MARKER):
+                    found.append(record)
+            return False
+
+        wait_until(through_marker, 10, "the marker decision")
+        return found
 
     def terminate(self, timeout: float = 15) -> int:
         if self.process.poll() is None:
@@ -363,6 +423,7 @@ def authz_service(
             access_log_port=ports.get("access_log", 0),
             http_check_port=ports.get("http_check", 0),
             access_log_token=env.get("AUTHZ_ACCESS_LOG_TOKEN", ""),
+            http_check_path_prefix=env.get("AUTHZ_HTTP_CHECK_PATH_PREFIX", ""),
         )
         child.wait_for(
             lambda: (
@@ -518,6 +579,11 @@ def render_front_proxy_http(
 class Envoy:
     port: int  # the first listener's bound port
     admin_port: int
+
+    def counters(self, prefix: str) -> dict[str, int]:
+        """Envoy's counters whose names start with ``prefix``, from its admin API."""
+        stats = send(self.admin_port, "/stats?format=json&type=Counters").json()["stats"]
+        return {s["name"]: int(s["value"]) for s in stats if s["name"].startswith(prefix)}
 
 
 @contextmanager
