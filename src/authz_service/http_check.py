@@ -155,6 +155,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._queue: deque[tuple[Request, float | None]] = deque()  # read, not yet answered
         self._waiting: asyncio.Future[Decision] | None = None  # a check waiting for the registry
+        self._waiting_head = False  # ... for a HEAD request
         self._paused = False
         self._closing = False
         self.active_at = self._loop.time()  # when data last arrived (for the timeouts)
@@ -235,10 +236,11 @@ class _Connection(asyncio.Protocol):
         while self._waiting is None and self._queue:
             request, time_remaining = self._queue.popleft()
             outcome = self._server.checker.check_on_loop(request, time_remaining)
+            head = request.method == "HEAD"
             if isinstance(outcome, Decision):
-                self._write(outcome)
+                self._write(outcome, head)
             else:
-                self._waiting = outcome
+                self._waiting, self._waiting_head = outcome, head
                 self._server.started()
                 outcome.add_done_callback(self._decided)
         transport = self._transport
@@ -257,12 +259,15 @@ class _Connection(asyncio.Protocol):
         self._waiting = None
         self._server.finished()
         if not outcome.cancelled():
-            self._write(outcome.result())
+            self._write(outcome.result(), self._waiting_head)
         self._answer_in_order()
 
-    def _write(self, decision: Decision) -> None:
+    def _write(self, decision: Decision, head: bool) -> None:
         if self._transport is not None:
-            self._transport.write(self._server.responses.of(decision))
+            answer = self._server.responses.of(decision)
+            if head:  # an answer to HEAD has no body (RFC 9110), or Envoy reads it as the next
+                answer = answer[: answer.index(b"\r\n\r\n") + 4]
+            self._transport.write(answer)
 
     def refuse(self, reason: Reason) -> None:
         """Answer a request that cannot be read (after those before it), then close."""
@@ -351,10 +356,12 @@ class HttpCheckServer:
         ext_authz timeout, which it sends as x-envoy-expected-rq-timeout-ms)."""
         target = _text(url)
         prefix = self.settings.path_prefix
+        problem = None
         if prefix:
-            if not target.startswith(prefix + "/"):
-                return Request(is_http=True, problem=Reason.REQUEST_UNPARSABLE), None
-            target = target[len(prefix) :]
+            if target.startswith(prefix + "/"):
+                target = target[len(prefix) :]
+            else:  # not a check request of the Envoy configured with this prefix
+                problem = Reason.REQUEST_UNPARSABLE
         route: tuple[tuple[str, str], ...] = ()
         if any(name in headers for name in ROUTE_HEADERS):
             if any(len(headers.get(name, ())) > 1 for name in ROUTE_HEADERS):
@@ -377,6 +384,7 @@ class HttpCheckServer:
             route=route,
             traceparent=_first(headers, "traceparent"),
             tracestate=_first(headers, "tracestate"),
+            problem=problem,
         ), _seconds(_first(headers, "x-envoy-expected-rq-timeout-ms"))
 
 

@@ -220,13 +220,17 @@ class Policy:
         for rule in candidates:
             if not rule.matches(host, method, path):
                 continue
-            if rule.grant.admits(client):
+            admitted = rule.grant.admits(client)
+            if rule.dry_run:
+                # Evaluated as if it were not there, whichever way it goes: only a denial it
+                # would have made is recorded, and the rules after it decide.
+                if not admitted:
+                    dry_run_rule = dry_run_rule or rule.id
+                continue
+            if admitted:
                 return Verdict(True, Reason.ALLOWED, rule.id, dry_run_rule, path)
-            if rule.dry_run or self.dry_run:
-                dry_run_rule = dry_run_rule or rule.id
-                if rule.dry_run:
-                    continue  # a dry-run rule is evaluated as if it were not there
-                return Verdict(True, Reason.ALLOWED, rule.id, dry_run_rule, path)
+            if self.dry_run:
+                return Verdict(True, Reason.ALLOWED, rule.id, dry_run_rule or rule.id, path)
             return Verdict(False, Reason.FORBIDDEN, rule.id, dry_run_rule, path)
         default = self._by_default()
         dry_run_rule = dry_run_rule or default.dry_run_rule

@@ -304,12 +304,6 @@ def test_envoy_keeps_one_connection_to_the_check_server_for_many_checks(
     assert added("upstream_cx_destroy_remote") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="http_check.py writes a deny's body after its answer to a HEAD check (RFC 9110: an "
-    "answer to HEAD has none); Envoy reads those bytes as a malformed next answer, counts a "
-    "protocol error and drops the connection",
-)
 def test_a_deny_of_a_head_request_keeps_the_connection_to_the_check_server(
     sample: harness.Envoy, keys: Keys
 ) -> None:

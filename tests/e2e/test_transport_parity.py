@@ -102,7 +102,6 @@ class Row:
     dry_run_rule: str | None = None
     checked: bool = True  # False: Envoy answers or routes the request without asking us
     stack: str = "main"  # the fixture to send it through: main, or registry_down
-    known_bug: str = ""  # why the row fails today: it is expected to (strictly)
 
 
 def forbidden(client: Client, path: str, what: str, rule: str, method: str = "GET") -> Row:
@@ -303,8 +302,6 @@ ROWS = [
         key(OPS),
         "/reports/x",
         client=OPS,
-        known_bug="policy.py returns a dry-run rule's allow as the decision (it logs rule "
-        "reports-readers here, and a later rule that denies is never reached)",
     ),
     # --- route requirements (context_extensions / x-authz-route-* headers) --------------------
     forbidden(PLAIN, "/billing/invoices", "the route requires billing or admin", "billing-route"),
@@ -470,14 +467,7 @@ def expect(row: Row, seen: Seen) -> None:
 
 @pytest.mark.parametrize(
     "row",
-    [
-        pytest.param(
-            row,
-            id=row.what,
-            marks=[pytest.mark.xfail(strict=True, reason=row.known_bug)] if row.known_bug else [],
-        )
-        for row in ROWS
-    ],
+    [pytest.param(row, id=row.what) for row in ROWS],
 )
 def test_both_transports_answer_alike(request: pytest.FixtureRequest, row: Row) -> None:
     stack: Stack = request.getfixturevalue(row.stack)
@@ -555,14 +545,7 @@ def counted_traffic(stack: Stack, envoy: harness.Envoy) -> dict[str, float]:
 @pytest.mark.parametrize(
     "transport",
     [
-        pytest.param(
-            "grpc",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="envoy/front-proxy.yaml's allowed_headers sends only authorization, so "
-                "the gRPC check carries no x-request-id (its http.id is Envoy's stream id)",
-            ),
-        ),
+        "grpc",
         "http",
     ],
 )

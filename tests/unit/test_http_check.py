@@ -263,3 +263,12 @@ async def test_the_server_listens_on_a_unix_socket(tmp_path: Path) -> None:
         await writer.wait_closed()
     finally:
         await http.stop(0)
+
+
+async def test_a_deny_of_a_head_request_has_no_body(server: Serve) -> None:
+    """RFC 9110: an answer to HEAD has none; Envoy would read a body as the next answer."""
+    reader, writer = await server()
+    writer.write(request("/x", method="HEAD") + keyed())
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    assert head.startswith("HTTP/1.1 401 ")
+    assert (await read_answer(reader)).status == 200  # the next answer follows at once

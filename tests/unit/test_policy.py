@@ -473,3 +473,20 @@ def test_a_rule_about_get_is_about_head_too() -> None:
         assert policy.evaluate(request, client).rule == "read"
         assert not policy.evaluate(request, client).allowed
     assert policy.evaluate(Request(is_http=True, method="POST", path="/admin"), client).allowed
+
+
+def test_a_dry_run_rule_that_admits_a_client_does_not_decide() -> None:
+    """A rule being rolled out is evaluated as if absent either way: the rules after it
+    decide, so it cannot open what they close."""
+    policy = parse(
+        "default: allow\n"
+        "rules:\n"
+        "  - {id: new-reporting, paths: [{prefix: /reports}], allow: {roles: [reporting]},"
+        " dry_run: true}\n"
+        "  - {id: closed, paths: [{prefix: /reports}], allow: none}\n",
+        "p",
+    )
+    verdict = policy.evaluate(
+        Request(is_http=True, method="GET", path="/reports/q1"), Client("c", "C", ("reporting",))
+    )
+    assert (verdict.allowed, verdict.rule, verdict.dry_run_rule) == (False, "closed", None)
