@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -328,13 +328,16 @@ def authz_service(
     keys_file: Path | None = None,
     grpc_port: int = 0,
     http_port: int = 0,
+    env: Mapping[str, str] | None = None,
     **settings: str,
 ) -> Iterator[Service]:
     """Start `python -m authz_service serve`; yield once /readyz says ready. Every server binds
     port 0 (or the port given) on loopback and the "serving" log line says which port it got.
-    ``settings`` are AUTHZ_ settings by name, and override these addresses."""
+    ``settings`` are AUTHZ_ settings by name, and override these addresses; ``env`` adds other
+    environment variables (OTEL_*, for instance)."""
     env = {
         **os.environ,
+        **(env or {}),
         "AUTHZ_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
         "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
         "AUTHZ_ADMIN_ADDRESS": "127.0.0.1:0",
