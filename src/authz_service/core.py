@@ -115,7 +115,9 @@ class Checker:
         """Decide one check on a worker thread, within our timeout and the caller's remaining
         time; log and count it."""
         started = time.perf_counter()
-        trace = Trace(span=None if self._tracing is None else self._tracing.start(request))
+        trace = Trace()
+        if self._tracing is not None:
+            trace.span = self._tracing.start(request)
         try:
             decision = self._decide(request, trace)
             if not isinstance(decision, Decision):
@@ -131,7 +133,9 @@ class Checker:
         """``check``, on the event loop: the decision, or, for a check that must wait for the
         registry, a future of it (the rest of the check runs as a task of its own)."""
         started = time.perf_counter()
-        trace = Trace(span=None if self._tracing is None else self._tracing.start(request))
+        trace = Trace()
+        if self._tracing is not None:
+            trace.span = self._tracing.start(request)
         try:
             decision = self._decide(request, trace)
         except Exception as exc:  # as in check
