@@ -28,6 +28,9 @@ from authz_service import __version__
 from authz_service.reasons import OUTCOMES
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
+    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span
     from opentelemetry.util.types import AttributeValue
@@ -67,14 +70,13 @@ def exporters_asked_for(environ: Mapping[str, str]) -> list[str]:
 def _entry_point(name: str, environ: Mapping[str, str]) -> str:
     if name != "otlp":
         return name
-    protocol = (
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
-    ).strip()
+    variable = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    if not environ.get(variable):
+        variable = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = environ.get(variable, "").strip() or "grpc"
     if protocol not in _OTLP_BY_PROTOCOL:
         raise RuntimeError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not an OTLP protocol "
+            f"{variable}: {protocol!r} is not an OTLP protocol "
             f"(expected {' or '.join(_OTLP_BY_PROTOCOL)})"
         )
     return _OTLP_BY_PROTOCOL[protocol]
@@ -156,21 +158,26 @@ class Tracing:
         self._context = context
         self._trace = trace
 
-    def start(self, request: Request) -> CheckSpan:
-        """A check's span, a child of the caller's span when the request names a valid one."""
-        parent = None
-        if request.traceparent:
-            carrier = {"traceparent": request.traceparent}
-            if request.tracestate:
-                carrier["tracestate"] = request.tracestate
-            parent = self._propagator.extract(carrier)
-        attributes = {"authz.request_id": request.request_id[:_MAX_VALUE_LENGTH]}
-        span = self._tracer.start_span(
-            CHECK_SPAN,
-            context=parent,
-            kind=self._trace.SpanKind.SERVER,
-            attributes=attributes if request.request_id else None,
-        )
+    def start(self, request: Request) -> CheckSpan | None:
+        """A check's span, a child of the caller's span when the request names a valid one;
+        None if it cannot be had, as tracing never fails a check."""
+        try:
+            parent = None
+            if request.traceparent:
+                carrier = {"traceparent": request.traceparent}
+                if request.tracestate:
+                    carrier["tracestate"] = request.tracestate
+                parent = self._propagator.extract(carrier)
+            attributes = {"authz.request_id": request.request_id[:_MAX_VALUE_LENGTH]}
+            span = self._tracer.start_span(
+                CHECK_SPAN,
+                context=parent,
+                kind=self._trace.SpanKind.SERVER,
+                attributes=attributes if request.request_id else None,
+            )
+        except Exception:
+            _failed("start")
+            return None
         return CheckSpan(self, span)
 
     def registry_call(self, work: Awaitable[T], url: str) -> Coroutine[Any, Any, T]:
@@ -206,11 +213,11 @@ class Tracing:
         """Export the spans still buffered (within the exporter's timeout) and stop."""
         self._provider.shutdown()
 
-    def _enter(self, span: Span) -> object:
+    def _enter(self, span: Span) -> Token[Context]:
         return self._context.attach(self._trace.set_span_in_context(span))
 
-    def _leave(self, token: object) -> None:
-        self._context.detach(token)  # type: ignore[arg-type]
+    def _leave(self, token: Token[Context]) -> None:
+        self._context.detach(token)
 
     def _error(self, span: Span, description: str) -> None:
         span.set_status(self._trace.StatusCode.ERROR, description)
@@ -226,21 +233,32 @@ class CheckSpan:
     def __init__(self, tracing: Tracing, span: Span) -> None:
         self._tracing = tracing
         self._span = span
-        self._token: object = None
+        self._token: Token[Context] | None = None
 
     async def __aenter__(self) -> None:
         self._token = self._tracing._enter(self._span)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._tracing._leave(self._token)
+        if self._token is not None:
+            self._tracing._leave(self._token)
 
     def end(self, decision: Decision, trace: Trace) -> None:
         span = self._span
-        if span.is_recording():
-            span.set_attributes(_attributes(decision, trace))
-            if OUTCOMES[decision.reason].status.http >= 500:  # our failure, not a client's
-                self._tracing._error(span, decision.reason.value)
-        span.end()
+        try:
+            if span.is_recording():
+                span.set_attributes(_attributes(decision, trace))
+                if OUTCOMES[decision.reason].status.http >= 500:  # our failure, not a client's
+                    self._tracing._error(span, decision.reason.value)
+            span.end()
+        except Exception:  # the check is decided: tracing must not turn it into an error
+            _failed("end")
+
+
+def _failed(step: str) -> None:
+    log.exception(
+        "tracing failed; the check goes on",
+        extra={"fields": {"event": "tracing_error", "step": step}},
+    )
 
 
 def _attributes(decision: Decision, trace: Trace) -> dict[str, AttributeValue]:

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -328,7 +328,7 @@ def authz_service(
     keys_file: Path | None = None,
     grpc_port: int = 0,
     http_port: int = 0,
-    env: Mapping[str, str] | None = None,
+    env: dict[str, str] | None = None,
     **settings: str,
 ) -> Iterator[Service]:
     """Start `python -m authz_service serve`; yield once /readyz says ready. Every server binds

@@ -12,18 +12,24 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from authz_service import apikeys, app, config, settings, tracing
+from authz_service.answers import AnswerSettings
 from authz_service.changes import RecentChanges
 from authz_service.contract import Answer
 from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
+from authz_service.envoy_codec import Encoder
+from authz_service.grpc_server import AuthorizationServicer
 from authz_service.model import Client, Credential, Decision, Request
 from authz_service.policy import parse
 from authz_service.reasons import Reason
@@ -168,6 +174,30 @@ async def test_a_missing_or_invalid_traceparent_starts_a_new_trace_and_never_fai
     assert span.context.trace_id != int(TRACE_ID, 16)
 
 
+@pytest.mark.parametrize("step", ["start", "end"])
+async def test_a_failure_of_tracing_never_fails_a_check(
+    traces: tracing.Tracing,
+    decide: Decide,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    step: str,
+) -> None:
+    """Whether the span cannot start or cannot end, the check is decided as without tracing."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("broken tracer")
+
+    if step == "start":
+        monkeypatch.setattr(traces._tracer, "start_span", broken)
+    else:
+        monkeypatch.setattr(tracing, "_attributes", broken)
+    registry = FakeRegistry({KEY: CLIENT}, in_memory=True)
+    with caplog.at_level(logging.ERROR):
+        decision = await decide(checker(registry, traces), request())
+    assert decision.allowed
+    assert [r.fields["event"] for r in caplog.records if hasattr(r, "fields")] == ["tracing_error"]
+
+
 async def test_malformed_trace_context_is_never_quoted_in_our_logs(
     traces: tracing.Tracing, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -213,6 +243,49 @@ async def test_a_deny_of_ours_marks_the_span_as_an_error_and_a_clients_deny_does
     )
     assert dict(clients.attributes or {})["authz.reason"] == "unknown_key"
     assert clients.status.status_code is StatusCode.UNSET
+
+
+async def test_over_grpc_envoys_span_for_the_call_is_the_parent_rather_than_the_clients(
+    traces: tracing.Tracing, exported: InMemorySpanExporter
+) -> None:
+    """Envoy's tracer sends its span's context as the call's metadata; the request's headers
+    still carry the client's, the grandparent."""
+    envoys_span = "00f067aa0ba902b7"
+    servicer = AuthorizationServicer(
+        checker(FakeRegistry({KEY: CLIENT}, in_memory=True), traces),
+        Encoder(AnswerSettings()),
+        max_message_bytes=65536,
+    )
+    headers = {"authorization": f"ApiKey {KEY}", "traceparent": TRACEPARENT}
+    raw = CheckRequest(
+        attributes=AttributeContext(
+            request=AttributeContext.Request(
+                http=AttributeContext.HttpRequest(method="GET", path="/orders", headers=headers)
+            )
+        )
+    ).SerializeToString()
+    context: Any = CallContext(
+        (("traceparent", f"00-{TRACE_ID}-{envoys_span}-01"), ("tracestate", "envoy=1"))
+    )
+    assert (await asyncio.to_thread(servicer.check, raw, context)).status.code == 0
+    span = by_name(exported)[tracing.CHECK_SPAN]
+    assert span.parent is not None
+    assert f"{span.parent.span_id:016x}" == envoys_span
+    assert span.context is not None
+    assert dict(span.context.trace_state) == {"envoy": "1"}
+
+
+class CallContext:
+    """What the Authorization handler reads of a gRPC call."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float:
+        return 1.0
 
 
 async def test_the_registry_call_is_a_child_of_the_check_that_waits_for_it(
@@ -297,9 +370,11 @@ def test_tracing_is_on_when_an_exporter_or_an_otlp_endpoint_is_set(
 
 
 def test_an_unknown_otlp_protocol_is_refused_by_name() -> None:
-    with pytest.raises(RuntimeError, match="'http/json' is not an OTLP protocol"):
+    with pytest.raises(
+        RuntimeError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/json' is not an OTLP"
+    ):
         tracing.exporters_asked_for(
-            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}
         )
 
 
