@@ -7,6 +7,7 @@ and OpenTelemetry is never imported."""
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import threading
@@ -352,9 +353,11 @@ def test_a_deny_is_traced_with_its_reason_and_no_span_carries_key_material(
     ],
 )
 def test_with_tracing_off_nothing_is_exported_and_opentelemetry_is_never_imported(
-    tmp_path: Path, keys: Keys, off: dict[str, str]
+    tmp_path: Path, keys: Keys, off: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The interpreter's import log (PYTHONPROFILEIMPORTTIME) lists every module it loads."""
+    for name in [name for name in os.environ if name.startswith("OTEL_")]:
+        monkeypatch.delenv(name)  # "no OTEL variables" means none
     with receiver() as received:
         endpoint = tracing_env(received) if off else {}
         env = {**endpoint, **off, "PYTHONPROFILEIMPORTTIME": "1"}
