@@ -18,7 +18,7 @@ COPY pyproject.toml README.md ./
 # hadolint ignore=DL3013
 RUN mkdir -p src/authz_service src/client_registry \
     && touch src/authz_service/__init__.py src/client_registry/__init__.py \
-    && pip install --no-cache-dir ".[postgresql,redis]" \
+    && pip install --no-cache-dir ".[postgresql,redis,tracing]" \
     && pip uninstall --yes authz-service
 COPY src ./src
 # Bytecode is compiled now, so that the service runs on a read-only root filesystem.

@@ -7,7 +7,10 @@ process: a warm-up, then --checks checks of a realistic CheckRequest. Reported p
 checks/s and client-side p50/p99 latency (both depend on the shared 2-core machine), and the
 server's own CPU time per check from /proc (user + system), which is the figure to compare.
 Ours answers on the cache-hit path of the static keys file, with decision logging on; once more
-with the sample access policy (examples/policy.yaml), to show what evaluating the rules costs.
+with the sample access policy (examples/policy.yaml), to show what evaluating the rules costs;
+and twice with tracing on (the tracing extra): every check sampled (its request carries a
+sampled traceparent) and exported over OTLP/gRPC to a receiver in this process, which counts the
+spans it gets; and none sampled (OTEL_TRACES_SAMPLER=traceidratio, 0), the floor of tracing on.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,11 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 HERE = Path(__file__).resolve().parent
 POLICY = HERE.parent / "examples" / "policy.yaml"
@@ -35,6 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 from tests.e2e import harness  # noqa: E402 (after the path is set)
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = 1, 0
 
@@ -59,7 +70,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-def check_request(key: str) -> bytes:
+def check_request(key: str, traceparent: str = "") -> bytes:
     """Shaped like what Envoy sends for a typical API call."""
     http = AttributeContext.HttpRequest(
         id="4f1c9a52-8e0b-4f3b-9a59-1f0e5d2c7b11",
@@ -78,6 +89,7 @@ def check_request(key: str) -> bytes:
             "accept": "*/*",
             "x-forwarded-proto": "http",
             "x-request-id": "4f1c9a52-8e0b-4f3b-9a59-1f0e5d2c7b11",
+            **({"traceparent": traceparent} if traceparent else {}),
         },
     )
     request = CheckRequest(
@@ -107,6 +119,23 @@ async def drive(target: str, payload: bytes, checks: int, concurrency: int) -> l
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies
+
+
+class SpanCounter(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver that counts the spans it gets and keeps none."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self._lock = threading.Lock()
+
+    def Export(  # noqa: N802 (the gRPC method name)
+        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ExportTraceServiceResponse:
+        with self._lock:
+            self.spans += sum(
+                len(scope.spans) for spans in request.resource_spans for scope in spans.scope_spans
+            )
+        return ExportTraceServiceResponse()
 
 
 def wait_for_port(target: str, process: subprocess.Popen[bytes]) -> None:
@@ -143,7 +172,10 @@ def measure(
     )
     try:
         wait_for_port(target, process)
-        asyncio.run(drive(target, payload, max(1000, checks // 10), concurrency))  # warm-up
+        # Warm-up: one check first, so that a registry lookup (the http row) is not made by 32
+        # checks at once, beyond the threads that may wait for the registry (a 503).
+        asyncio.run(drive(target, payload, 1, 1))
+        asyncio.run(drive(target, payload, max(1000, checks // 10), concurrency))
         cpu_before, started = cpu_seconds(process.pid), time.perf_counter()
         latencies = asyncio.run(drive(target, payload, checks, concurrency))
         elapsed, cpu = time.perf_counter() - started, cpu_seconds(process.pid) - cpu_before
@@ -182,7 +214,9 @@ def main() -> None:
     env = {
         **os.environ,
         "AUTHZ_KEYS_FILE": str(keys),
-        "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
+        # Only the gRPC port is named here; the rest bind a free port, or are off.
+        "AUTHZ_HTTP_ADDRESS": "127.0.0.1:0",
+        "AUTHZ_HTTP_CHECK_ADDRESS": "",
         "AUTHZ_ADMIN_ADDRESS": "",
         "AUTHZ_ACCESS_LOG_ADDRESS": "",
         "AUTHZ_LOG_LEVEL": "info",
@@ -191,6 +225,22 @@ def main() -> None:
     bare = str(HERE / "bare_server.py")
     ours = [python, "-m", "authz_service", "serve"]
     sock = workdir / "authz.sock"
+    spans = SpanCounter()
+    receiver = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    # The generated gRPC module has no type annotations.
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        spans, receiver
+    )
+    tracing_env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.add_insecure_port('127.0.0.1:0')}"
+    }
+    unsampled_env = {
+        **tracing_env,
+        "OTEL_TRACES_SAMPLER": "traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0",
+    }
+    traced = check_request(key, TRACEPARENT)
+    receiver.start()
     with harness.registry_process(workdir) as registry:
         # Ours in http mode answers from its cache after the warm-up: the cache-hit path.
         http_payload = check_request(registry.create_client("Benchmark client")["api_key"])
@@ -207,6 +257,10 @@ def main() -> None:
             ("ours http-hit (tcp)", ours, "tcp", http_env, http_payload),
             # The sample policy; no rule matches the request's path, so every rule is tried.
             ("ours + policy (tcp)", ours, "tcp", {"AUTHZ_POLICY_FILE": str(POLICY)}, payload),
+            # Every check sampled (the caller's traceparent says so) and exported; then tracing
+            # on with none sampled (traceidratio ignores the caller's flag): the floor.
+            ("ours + tracing (tcp)", ours, "tcp", tracing_env, traced),
+            ("ours + unsampled (tcp)", ours, "tcp", unsampled_env, traced),
             ("bare aio (unix)", [python, bare, "aio", "{address}"], "unix", {}, payload),
             ("ours (unix)", ours, "unix", {}, payload),
         ]
@@ -227,6 +281,7 @@ def main() -> None:
                         concurrency=args.concurrency,
                     )
                 )
+    receiver.stop(None)
     results = {
         name: sorted(runs_of, key=lambda r: r.cpu_us_per_check)[len(runs_of) // 2]
         for name, runs_of in rounds.items()
@@ -237,16 +292,20 @@ def main() -> None:
         f"median of {args.rounds} interleaved rounds, "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, grpcio {grpc.__version__}"
     )
-    print(f"{'server':<18}{'checks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/check':>14}")
+    print(f"{'server':<21}{'checks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/check':>14}")
     for r in results.values():
         print(
-            f"{r.name:<18}{r.checks_per_second:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+            f"{r.name:<21}{r.checks_per_second:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
             f"{r.cpu_us_per_check:>14.1f}"
         )
+    sampled = args.rounds * (args.checks + max(1000, args.checks // 10) + 1)
+    print(f"spans exported: {spans.spans}, for {sampled} checks of ours + tracing")
     for mine, floor in [
         ("ours (tcp)", "bare aio (tcp)"),
         ("ours http-hit (tcp)", "bare aio (tcp)"),
         ("ours + policy (tcp)", "ours (tcp)"),
+        ("ours + tracing (tcp)", "ours (tcp)"),
+        ("ours + unsampled (tcp)", "ours (tcp)"),
         ("ours (unix)", "bare aio (unix)"),
         ("ours (tcp)", "bare sync (tcp)"),
         ("bare aio (tcp)", "bare sync (tcp)"),

@@ -15,7 +15,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2
 
-from authz_service import grpc_server, http_server
+from authz_service import grpc_server, http_server, tracing
 from authz_service.admin.servicer import AdminServicer
 from authz_service.answers import AnswerSettings
 from authz_service.breaker import CircuitBreaker
@@ -75,7 +75,10 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
     metrics = Metrics(settings.metrics_client_cap)
     metrics.watch_health(lambda: health_state.problems)
     try:
-        parts = Parts(registry) if registry else _parts(settings, loop, health_state, metrics)
+        traces = tracing.from_environment()  # the OTEL_* variables, not settings
+        parts = (
+            Parts(registry) if registry else _parts(settings, loop, health_state, metrics, traces)
+        )
     except RuntimeError as exc:  # an optional extra that the settings need is missing
         raise StartupError(str(exc)) from None
     policy_file = None
@@ -107,6 +110,7 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
             metrics=metrics,
             health_state=health_state,
             policy=policy,
+            traces=traces,
         )
     finally:
         if feed_task is not None:
@@ -114,10 +118,16 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
         await parts.registry.close()
         if policy_file is not None:
             await policy_file.close()
+        if traces is not None:
+            await asyncio.to_thread(traces.close)
 
 
 def _parts(
-    settings: Settings, loop: asyncio.AbstractEventLoop, health_state: Health, metrics: Metrics
+    settings: Settings,
+    loop: asyncio.AbstractEventLoop,
+    health_state: Health,
+    metrics: Metrics,
+    traces: tracing.Tracing | None,
 ) -> Parts:
     if settings.registry == "http":
         backend = HttpRegistry(
@@ -130,6 +140,7 @@ def _parts(
             ),
             health=health_state,
             observe_latency=metrics.registry_call_seconds.observe,
+            tracing=traces,
         )
         metrics.watch_registry_client(backend)
         resolver = CachingResolver(
@@ -145,7 +156,7 @@ def _parts(
             loop,
             # Kept longer than any cached answer can live, stale-if-error included.
             RecentChanges(retention=settings.cache_ttl + settings.cache_max_stale + 60),
-            shared=_shared_cache(settings),
+            shared=_shared_cache(settings, traces),
         )
         metrics.watch_cache(resolver)
         return Parts(resolver, resolver if settings.registry_feed else None)
@@ -157,7 +168,7 @@ def _parts(
     return Parts(StaticFileRegistry(settings.keys_file, settings.keys_reload_interval))
 
 
-def _shared_cache(settings: Settings) -> SharedCache | None:
+def _shared_cache(settings: Settings, traces: tracing.Tracing | None) -> SharedCache | None:
     if not settings.redis_url:
         return None
     return SharedCache(
@@ -165,6 +176,7 @@ def _shared_cache(settings: Settings) -> SharedCache | None:
         settings.redis_namespace,
         settings.redis_timeout,
         CircuitBreaker(settings.registry_breaker_failures, settings.registry_breaker_cooldown),
+        traces,
     )
 
 
@@ -190,8 +202,9 @@ async def _serve(
     metrics: Metrics,
     health_state: Health,
     policy: Callable[[], Policy] | None,
+    traces: tracing.Tracing | None = None,
 ) -> None:
-    checker = _checker(settings, registry, metrics, policy)
+    checker = _checker(settings, registry, metrics, policy, traces)
     metrics.watch_checks(checker)
     health_servicer = health.HealthServicer()
     draining = False
@@ -256,7 +269,11 @@ async def _serve(
 
 
 def _checker(
-    settings: Settings, registry: Registry, metrics: Metrics, policy: Callable[[], Policy] | None
+    settings: Settings,
+    registry: Registry,
+    metrics: Metrics,
+    policy: Callable[[], Policy] | None,
+    traces: tracing.Tracing | None = None,
 ) -> Checker:
     workers = settings.grpc_workers
     return Checker(
@@ -276,6 +293,7 @@ def _checker(
         asyncio.get_running_loop(),
         metrics,
         policy,
+        tracing=traces,
     )
 
 

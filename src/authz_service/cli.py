@@ -21,8 +21,12 @@ _SECONDS_PER_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _parser() -> argparse.ArgumentParser:
-    settings_help = "settings (environment variable, config-file key, default):\n" + (
-        settings.describe()
+    settings_help = (
+        "settings (environment variable, config-file key, default):\n"
+        + settings.describe()
+        + "\n\ntracing (OpenTelemetry, off by default) is configured by the standard OTEL_*\n"
+        "variables, not by settings: OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317 turns it\n"
+        "on. It needs pip install 'authz-service[tracing]'; see the README, \"Tracing\"."
     )
     # --config is accepted before the command and after it; SUPPRESS keeps the command's
     # copy from overwriting one given before it.

@@ -20,13 +20,14 @@ the decision log and the metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from authz_service import credentials, logs
 from authz_service.credentials import CredentialRules
@@ -36,6 +37,9 @@ from authz_service.policy import NO_POLICY, Policy
 from authz_service.reasons import Reason
 from authz_service.registry import Known, Registry, RegistryError
 
+if TYPE_CHECKING:
+    from authz_service.tracing import Tracing
+
 log = logging.getLogger(__name__)
 
 # Time kept back from the caller's deadline so that our answer reaches Envoy before it gives up.
@@ -43,6 +47,7 @@ DEADLINE_MARGIN = 0.01
 # How much longer than a check's own deadline a worker waits for the event loop's decision,
 # should the loop be stuck: the loop keeps the deadline itself.
 LOOP_BACKSTOP_SLACK = 0.05
+_UNTRACED = contextlib.nullcontext()
 
 
 class Pending(NamedTuple):
@@ -75,16 +80,19 @@ class Checker:
         loop: asyncio.AbstractEventLoop,
         metrics: Metrics | None = None,
         policy: Callable[[], Policy] | None = None,
+        *,
+        tracing: Tracing | None = None,
     ) -> None:
         """``loop`` runs the registry lookups. ``policy`` returns the access policy in force
         (the policy file reloads); without one, every identified client is allowed, subject
-        to its route's requirements."""
+        to its route's requirements. With ``tracing``, each check has a span."""
         self.registry = registry
         self._settings = settings
         self._rules = settings.credential_rules
         self._loop = loop
         self._metrics = metrics
         self._policy = policy or _no_policy
+        self._tracing = tracing
         self._waiting = 0  # checks waiting for I/O; changed on the event loop only
         self._waiting_threads = threading.BoundedSemaphore(settings.max_waiting_threads)
         self._non_http = (
@@ -98,11 +106,18 @@ class Checker:
         """Checks waiting for the registry."""
         return self._waiting
 
+    @property
+    def traced(self) -> bool:
+        """Whether each check has a span (tracing is on)."""
+        return self._tracing is not None
+
     def check(self, request: Request, time_remaining: float | None = None) -> Decision:
         """Decide one check on a worker thread, within our timeout and the caller's remaining
         time; log and count it."""
         started = time.perf_counter()
         trace = Trace()
+        if self._tracing is not None:
+            trace.span = self._tracing.start(request)
         try:
             decision = self._decide(request, trace)
             if not isinstance(decision, Decision):
@@ -119,6 +134,8 @@ class Checker:
         registry, a future of it (the rest of the check runs as a task of its own)."""
         started = time.perf_counter()
         trace = Trace()
+        if self._tracing is not None:
+            trace.span = self._tracing.start(request)
         try:
             decision = self._decide(request, trace)
         except Exception as exc:  # as in check
@@ -226,7 +243,9 @@ class Checker:
             return Decision.deny(reason, key_id=pending.trace.key_id)
         self._waiting += 1
         try:
-            async with asyncio.timeout(budget):
+            # The check's span is current while it waits: the spans of the I/O it starts (the
+            # registry call, in a task of its own that copies the context) are its children.
+            async with asyncio.timeout(budget), pending.trace.span or _UNTRACED:
                 step: Decision | Pending = pending
                 while isinstance(step, Pending):
                     started = time.perf_counter()
@@ -252,6 +271,8 @@ class Checker:
         logs.decision(request, decision, elapsed, trace)
         if self._metrics is not None:
             self._metrics.decision(decision, elapsed, request.size)
+        if trace.span is not None:
+            trace.span.end(decision, trace)
 
 
 def _denial(exc: Exception, key_id: str | None) -> Decision:

@@ -26,6 +26,7 @@ from authz_service.admin.servicer import ADMIN_SERVICE, AdminServicer
 from authz_service.admin.v1 import admin_pb2_grpc
 from authz_service.core import Checker
 from authz_service.metrics import Metrics
+from authz_service.model import Request
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,12 @@ class AuthorizationServicer:
         self._checker = checker
         self._encoder = encoder
         self._max_bytes = max_message_bytes
+        self._traced = checker.traced
 
     def check(self, raw: bytes, context: grpc.ServicerContext) -> CheckResponse:
         request = envoy_codec.decode(raw, self._max_bytes)
+        if self._traced:
+            request = _with_callers_trace(request, context.invocation_metadata())
         return self._encoder.encode(self._checker.check(request, context.time_remaining()))
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, CheckResponse]]:
@@ -61,6 +65,21 @@ class AuthorizationServicer:
                 self.check, response_serializer=CheckResponse.SerializeToString
             ),
         }
+
+
+def _with_callers_trace(
+    request: Request, metadata: Sequence[tuple[str, str | bytes]] | None
+) -> Request:
+    """Envoy's own tracer sends the context of its span for this call as the call's metadata,
+    while the request's headers carry the client's: our span is a child of Envoy's."""
+    sent = dict(metadata or ())
+    traceparent = sent.get("traceparent")
+    if not isinstance(traceparent, str) or not traceparent:
+        return request
+    tracestate = sent.get("tracestate")
+    return request._replace(
+        traceparent=traceparent, tracestate=tracestate if isinstance(tracestate, str) else ""
+    )
 
 
 class AccessLogServicer:

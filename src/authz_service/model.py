@@ -9,9 +9,12 @@ proceeds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from authz_service.reasons import Reason
+
+if TYPE_CHECKING:
+    from authz_service.tracing import CheckSpan
 
 REDACTED = "[redacted]"
 
@@ -102,6 +105,7 @@ class Trace:
     resolution: str | None = None  # "memory" or "registry"
     registry_seconds: float | None = None
     policy_path: str | None = None  # the normalised path the policy rules compared
+    span: CheckSpan | None = None  # the check's span, with tracing on (tracing.py)
 
 
 class Decision(NamedTuple):

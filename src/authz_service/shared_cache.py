@@ -12,18 +12,30 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from authz_service import contract, logs
 from authz_service.breaker import CircuitBreaker
 from authz_service.contract import Answer
 
+if TYPE_CHECKING:
+    from authz_service.tracing import Tracing
+
 log = logging.getLogger(__name__)
+# The Redis command that each aiocache operation used here makes, for tracing.
+_COMMANDS = {"get": "GET", "raw": "SET", "delete": "DEL"}
 
 
 class SharedCache:
-    def __init__(self, url: str, namespace: str, timeout: float, breaker: CircuitBreaker) -> None:
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        timeout: float,
+        breaker: CircuitBreaker,
+        tracing: Tracing | None = None,
+    ) -> None:
         try:  # only needed with AUTHZ_REDIS_URL set: an optional extra
             from aiocache import RedisCache  # noqa: PLC0415
             from aiocache.serializers import StringSerializer  # noqa: PLC0415
@@ -44,6 +56,8 @@ class SharedCache:
             timeout=timeout,
         )
         self._breaker = breaker
+        self._tracing = tracing
+        self._url = url
 
     async def get(self, digest: bytes) -> tuple[Answer, float] | None:
         """The shared answer and the seconds it stays fresh, or None."""
@@ -85,7 +99,10 @@ class SharedCache:
         if not self._breaker.allow():
             return None
         try:
-            result = await getattr(self._cache, operation)(*args, **kwargs)
+            work = getattr(self._cache, operation)(*args, **kwargs)
+            if self._tracing is not None:
+                work = self._tracing.redis_call(work, _COMMANDS[operation], self._url)
+            result = await work
         except asyncio.CancelledError:
             self._breaker.abandoned()
             raise

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from authz_service import policy, settings
+from authz_service import policy, settings, tracing
 from authz_service.registry import static_file
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "authz-service"
@@ -277,6 +277,31 @@ def test_the_rendered_settings_are_accepted_by_the_service(
             policy.parse(config_map["data"]["policy.yaml"], "policy.yaml")
 
 
+def test_tracing_is_off_by_default_and_on_gives_the_pods_the_otel_variables(
+    chart: helm.Chart,
+) -> None:
+    """The variables the chart renders are the ones that turn the service's tracing on."""
+
+    def otel(values: dict[str, Any] | None) -> dict[str, str]:
+        (config,) = [
+            c for c in kinds(render(chart, values))["ConfigMap"] if "AUTHZ_REGISTRY" in c["data"]
+        ]
+        return {k: v for k, v in config["data"].items() if k.startswith("OTEL_")}
+
+    assert otel(None) == {}
+    assert tracing.exporters_asked_for(otel(None)) == []
+    rendered = otel(ALL_ON)
+    assert rendered == {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": ALL_ON["tracing"]["endpoint"],
+        "OTEL_SERVICE_NAME": "authz-service",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=production",
+    }
+    assert tracing.exporters_asked_for(rendered) == ["otlp_proto_grpc"]
+
+
 def test_the_dashboard_is_shipped_with_the_chart(chart: helm.Chart) -> None:
     dashboard = next(
         c
@@ -349,6 +374,18 @@ def test_the_notes_say_how_to_wire_envoy_and_istio(chart: helm.Chart) -> None:
             {"podDisruptionBudget": {"maxUnavailable": "0%"}},
             "maxUnavailable=0% blocks every node drain",
         ),
+        (
+            {"tracing": {"endpoint": "http://collector:4317"}},
+            "tracing.endpoint or tracing.env is set but tracing.enabled is false",
+        ),
+        (
+            {"tracing": {"enabled": True, "samplerArg": "0.1"}},
+            "tracing.samplerArg is only read by the traceidratio samplers",
+        ),
+        (
+            {"tracing": {"enabled": True, "env": {"OTEL_SERVICE_NAME": "x"}}},
+            "tracing.env.OTEL_SERVICE_NAME is set by the chart",
+        ),
     ],
 )
 def test_contradictory_values_fail_the_render_with_a_clear_message(
@@ -367,6 +404,8 @@ def test_contradictory_values_fail_the_render_with_a_clear_message(
         ({"image": {"digest": "latest"}}, "digest"),
         ({"accessLogToken": {"value": "short"}}, "value"),
         ({"ports": {"httpCheck": 70000}}, "httpCheck"),
+        ({"tracing": {"sampler": "sometimes"}}, "sampler"),
+        ({"tracing": {"env": {"AUTHZ_LOG_LEVEL": "debug"}}}, "AUTHZ_LOG_LEVEL"),
     ],
 )
 def test_the_schema_refuses_unknown_or_malformed_values(

@@ -388,13 +388,16 @@ def authz_service(
     keys_file: Path | None = None,
     grpc_port: int = 0,
     http_port: int = 0,
+    env: dict[str, str] | None = None,
     **settings: str,
 ) -> Iterator[Service]:
     """Start `python -m authz_service serve`; yield once /readyz says ready. Every server binds
     port 0 (or the port given) on loopback and the "serving" log line says which port it got.
-    ``settings`` are AUTHZ_ settings by name, and override these addresses."""
+    ``settings`` are AUTHZ_ settings by name, and override these addresses; ``env`` adds other
+    environment variables (OTEL_*, for instance)."""
     env = {
         **os.environ,
+        **(env or {}),
         "AUTHZ_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
         "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
         "AUTHZ_ADMIN_ADDRESS": "127.0.0.1:0",

@@ -129,6 +129,17 @@ Contradictions that the schema cannot express fail the render here, each with th
     {{- fail (printf "settings.%s is set by the chart from its own values: use those instead" $name) -}}
   {{- end -}}
 {{- end -}}
+{{- if and (not $v.tracing.enabled) (or $v.tracing.endpoint $v.tracing.env) -}}
+  {{- fail "tracing.endpoint or tracing.env is set but tracing.enabled is false: turn it on, or remove them" -}}
+{{- end -}}
+{{- if and $v.tracing.samplerArg (not (contains "traceidratio" $v.tracing.sampler)) -}}
+  {{- fail (printf "tracing.samplerArg is only read by the traceidratio samplers, not by %s" $v.tracing.sampler) -}}
+{{- end -}}
+{{- range $name, $_ := $v.tracing.env -}}
+  {{- if has $name (list "OTEL_TRACES_EXPORTER" "OTEL_EXPORTER_OTLP_ENDPOINT" "OTEL_SERVICE_NAME" "OTEL_TRACES_SAMPLER" "OTEL_TRACES_SAMPLER_ARG") -}}
+    {{- fail (printf "tracing.env.%s is set by the chart from its own tracing values: use those instead" $name) -}}
+  {{- end -}}
+{{- end -}}
 {{- if $v.registryServer.enabled -}}
   {{- $tokens := $v.registryServer.tokens -}}
   {{- if and (not $tokens.existingSecret) (or (not $tokens.adminToken) (not $tokens.serviceToken)) -}}

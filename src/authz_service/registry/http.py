@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -27,6 +28,9 @@ from authz_service.contract import Answer, ContractError
 from authz_service.health import Health
 from authz_service.model import Credential
 from authz_service.registry import RegistryBusyError, RegistryError
+
+if TYPE_CHECKING:
+    from authz_service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class HttpRegistry:
         breaker: CircuitBreaker,
         health: Health,
         observe_latency: Callable[[float], None] = lambda _: None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._url = base_url.rstrip("/") + VERIFY_PATH
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
@@ -63,6 +68,7 @@ class HttpRegistry:
         self._breaker = breaker
         self._health = health
         self._observe_latency = observe_latency
+        self._tracing = tracing
         self._session: aiohttp.ClientSession | None = None
         self.outcomes = {"ok": 0, "error": 0, "busy": 0, "circuit_open": 0, "token_rejected": 0}
 
@@ -97,7 +103,10 @@ class HttpRegistry:
         async with self._slots:
             started = time.perf_counter()
             try:
-                answer = await self._call_once_more_if_unsent(credential)
+                call = self._call_once_more_if_unsent(credential)
+                if self._tracing is not None:
+                    call = self._tracing.registry_call(call, self._url)
+                answer = await call
             except asyncio.CancelledError:
                 # The check was abandoned (our deadline or Envoy's): no verdict on the registry.
                 self._breaker.abandoned()
