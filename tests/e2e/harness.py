@@ -388,6 +388,7 @@ def authz_service(
     keys_file: Path | None = None,
     grpc_port: int = 0,
     http_port: int = 0,
+    *,
     env: dict[str, str] | None = None,
     **settings: str,
 ) -> Iterator[Service]:

@@ -358,7 +358,7 @@ class Stack:
 @contextmanager
 def running_stack(workdir: Path, keys_file: Path | None = None, **settings: str) -> Iterator[Stack]:
     with (
-        harness.authz_service(workdir, keys_file, 0, 0, **settings) as service,
+        harness.authz_service(workdir, keys_file, 0, 0, env=None, **settings) as service,
         harness.echo_upstream() as upstream,
     ):
         grpc_config = harness.render_front_proxy(0, 0, service, upstream.port)
