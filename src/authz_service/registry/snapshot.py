@@ -170,7 +170,10 @@ class SnapshotRegistry:
                 raise SnapshotError(f"a snapshot outside the contract: {exc}") from None
             except aiohttp.ClientPayloadError:
                 raise SnapshotError("the snapshot broke off before its end") from None
-        return load.finish(), version
+        # Sweeping a million keys takes a moment: off the event loop (the new store is the
+        # load's alone). The start of a load stays on the loop: started on a worker thread
+        # (a glibc arena of its own), it left RSS 12 MiB higher after a 1M-key reload.
+        return await asyncio.to_thread(load.finish), version
 
 
 class _Load:
