@@ -186,7 +186,11 @@ def _same_identity(document: dict[str, Any], client: Client) -> bool:
     others = len(document) - len(_IDENTITY_FIELDS)
     if others == 0:
         return client.rate_limit is None
-    return others == 1 and _same_rate_limit(document.get("rate_limit", ()), client.rate_limit)
+    return (
+        others == 1
+        and "rate_limit" in document
+        and _same_rate_limit(document["rate_limit"], client.rate_limit)
+    )
 
 
 def _same_rate_limit(document: Any, rate_limit: RateLimit | None) -> bool:

@@ -15,8 +15,10 @@ form is accepted too, up to ``MAX_DOCUMENT_BYTES``. A reload builds a new store 
 in use goes on answering, and replaces it in one step once the whole snapshot is in; a failed
 one (an HTTP error, a broken or truncated stream, an entry outside the contract, a wrong count)
 keeps the copy in use as it was. The new store is a ``keystore.Successor`` of the one in use, so
-the keys and clients both hold are held once, which keeps a reload's peak memory near one copy.
-The change feed applies no change while a reload is under way (it awaits ``resync``).
+the keys and clients both hold are held once: a reload that changes few keys peaks at the copy
+in use plus about 100 MiB per million keys (a key table, the load's bookkeeping), where one in
+which every key is new needs both whole (benchmarks/memory_bench.py measures both). The
+change feed applies no change while a reload is under way (it awaits ``resync``).
 
 A snapshot the copy already has (the same ``ETag``) is not loaded again.
 
