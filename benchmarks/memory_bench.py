@@ -8,9 +8,10 @@ client, clients like ``cl_`` + 16 hex with 1-3 roles from a small set, 1% of key
 ``valid_until``; a client's keys are spread over the whole snapshot.
 
 service (the headline figures): for each size, a real ``authz-service serve`` in
-``AUTHZ_REGISTRY=snapshot`` mode (on CPU 1; this process, and the stand-in registry it runs,
-on CPU 0) loads the snapshot streamed as NDJSON by a stand-in registry, which also serves an
-empty change log and a change stream that only stays open. Measured on the service process:
+``AUTHZ_REGISTRY=snapshot`` mode loads the snapshot streamed as NDJSON by a stand-in registry
+(a thread of this process), which also serves an empty change log and a change stream that
+only stays open. Measured on the service process (wall seconds depend on what else the
+machine runs; its CPU seconds, from /proc, much less):
 
 - ready: seconds from starting the process to /readyz answering 200 (imports, start-up and
   the load), and the load alone as the service logs it (``snapshot_loaded``);
@@ -22,7 +23,8 @@ empty change log and a change stream that only stays open. Measured on the servi
 - CPU per check on the cache-hit path: the service's CPU time from /proc over --checks gRPC
   checks of 1,000 keys spread over the whole snapshot, against a service answering from a
   keys file (a plain dict of digests; one key), the floor an in-memory lookup can reach, in
-  3 rounds that alternate which goes first: the medians and the median of the paired ratios.
+  3 rounds that alternate which goes first: the medians and the median of the paired ratios
+  (the services on CPU 1 and this process, the load generator, on CPU 0 meanwhile).
   Every check is verified (the snapshot's keys allowed; others, and replaced ones, refused as
   unknown).
 
@@ -61,7 +63,7 @@ import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +129,7 @@ class Service:
         self.slowest = 0.0
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                ["taskset", "--cpu-list", str(SERVICE_CPU), *SERVE],
+                SERVE,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -241,19 +243,42 @@ def compare_cpu(
     alternate which goes first, after a warm-up: the medians, and the median paired ratio."""
     runs = [(service, [check_request(api_key) for api_key in keys])]
     runs.append((floor, [check_request(floor_key)]))
-    for server, payloads in runs:
-        asyncio.run(_checks(server.target, payloads, max(1_000, checks // 10), None))
     figures: list[list[float]] = [[], []]
-    for round_ in range(CPU_ROUNDS):
-        order = [0, 1] if round_ % 2 else [1, 0]
-        for which in order:
-            figures[which].append(cpu_per_check(*runs[which], checks))
+    with pinned([service.pid, floor.pid]):
+        for server, payloads in runs:
+            asyncio.run(_checks(server.target, payloads, max(1_000, checks // 10), None))
+        for round_ in range(CPU_ROUNDS):
+            order = [0, 1] if round_ % 2 else [1, 0]
+            for which in order:
+                figures[which].append(cpu_per_check(*runs[which], checks))
     ratios = [ours / plain for ours, plain in zip(*figures, strict=True)]
     return {
         "us": statistics.median(figures[0]),
         "keys_file_us": statistics.median(figures[1]),
         "ratio": statistics.median(ratios),
     }
+
+
+@contextmanager
+def pinned(pids: list[int]) -> Iterator[None]:
+    """These processes (every thread) on SERVICE_CPU, and this one on BENCH_CPU, meanwhile:
+    the load generator and the server then do not take each other's cycles. Loads are not
+    pinned, so that they can use whichever CPU is free on a shared machine."""
+    everywhere = os.sched_getaffinity(0)
+    moves = [(pid, {SERVICE_CPU}) for pid in pids] + [(os.getpid(), {BENCH_CPU})]
+    for pid, cpus in moves:
+        _set_affinity(pid, cpus)
+    try:
+        yield
+    finally:
+        for pid, _ in moves:
+            _set_affinity(pid, everywhere)
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        with suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(thread.name), cpus)
 
 
 @contextmanager
@@ -662,7 +687,6 @@ def main() -> None:
     if args.case:
         print(json.dumps(store_scenario(args.case, args.snapshot, args.sizes[0], args.lookups)))
         return
-    os.sched_setaffinity(0, {BENCH_CPU})
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as scratch:
         workdir = Path(scratch)
