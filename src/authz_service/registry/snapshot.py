@@ -55,7 +55,7 @@ MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 # yields after each chunk it receives).
 _BATCH = 2_000
 _decode = json.JSONDecoder().raw_decode
-# glibc's malloc_trim (see resync); other C libraries give freed memory back by themselves.
+# glibc's malloc_trim (see resync); with another C library, nothing is trimmed.
 _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
