@@ -138,6 +138,16 @@ async def test_a_streamed_snapshot_is_loaded_line_by_line(serve: Callable[..., A
     assert registry.lookup(credential("azk_b")) == CLIENT
 
 
+async def test_a_trailer_without_a_final_newline_ends_the_snapshot(
+    serve: Callable[..., Any],
+) -> None:
+    """The last line of the streamed form may lack its newline, as JSON Lines allows."""
+    body = ndjson({"version": 7}, entry("azk_a")) + b'{"end": true, "count": 1}'
+    registry = await loaded_from(serve, web.Response(body=body, content_type=NDJSON))
+    assert registry.version == 7
+    assert registry.lookup(credential("azk_a")) == CLIENT
+
+
 async def test_a_snapshot_cut_short_keeps_the_copy_in_use(serve: Callable[..., Any]) -> None:
     """No trailer (a broken connection) or a wrong count: refused; the old copy stays."""
     bodies = [
@@ -263,7 +273,7 @@ async def test_lookups_answer_from_the_copy_in_use_until_a_reload_is_complete(
         ndjson({"version": 5}, entry("azk_new"), {"key_hash": "00"}, {"end": True, "count": 2}),
         ndjson({"version": 5}, entry("azk_new"), {"end": True, "count": True}),
         ndjson({"version": 5}, {"end": True, "count": 0}, entry("azk_new")),
-        ndjson({"version": 5}, entry("azk_new")) + b'{"end": true, "count": 1}',  # no newline
+        ndjson({"version": 5}, entry("azk_new")) + b'{"end": true, "cou',
         ndjson({"version": 5}) + b'{"key_hash": "' + b"a" * (snapshot.MAX_LINE_BYTES + 1),
         ndjson({"version": 5}, entry("azk_new")) + b"[1] [2]\n",
         ndjson({"version": "5"}, {"end": True, "count": 0}),

@@ -199,24 +199,28 @@ class _Load:
             if len(rest) > MAX_LINE_BYTES:
                 raise ContractError("a snapshot line over the size limit")
             for line in lines:
-                if len(line) > MAX_LINE_BYTES:
-                    raise ContractError("a snapshot line over the size limit")
-                if ended:
-                    raise ContractError("a snapshot with lines after its trailer")
-                document = _parse_line(line)
-                if version is None:
-                    version = _header(document)
-                elif _is_trailer(document):
-                    self._check_count(document)
-                    ended = True
-                else:
-                    self._add(document)
+                version, ended = self._line(line, version, ended)
             await asyncio.sleep(0)  # the next chunk may be buffered already: let others run
-        if rest.strip():
-            raise ContractError("a snapshot whose last line is cut short")
+        if rest.strip():  # a last line without its newline (a cut one is not JSON)
+            version, ended = self._line(rest, version, ended)
         if version is None or not ended:
             raise ContractError("a snapshot cut short (no trailer line)")
         return version
+
+    def _line(self, line: bytes, version: int | None, ended: bool) -> tuple[int, bool]:
+        """Takes one line of the streamed form; the version, and whether it was the trailer."""
+        if len(line) > MAX_LINE_BYTES:
+            raise ContractError("a snapshot line over the size limit")
+        if ended:
+            raise ContractError("a snapshot with lines after its trailer")
+        document = _parse_line(line)
+        if version is None:
+            return _header(document), False
+        if _is_trailer(document):
+            self._check_count(document)
+            return version, True
+        self._add(document)
+        return version, False
 
     async def document(self, body: bytearray) -> int:
         """The plain form: one JSON document with the version and the list of keys."""
