@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
+from authz_service.keystore import Interner
 from authz_service.model import Client, RateLimit
 from authz_service.reasons import Reason
 
@@ -37,6 +39,7 @@ DELETE_REASONS = {**REFUSALS, "deleted": Reason.UNKNOWN_KEY}
 _REFUSAL_NAMES = {reason: name for name, reason in REFUSALS.items()}
 _IDENTITY_FIELDS = frozenset({"client_id", "client_name", "roles", "status"})
 _VALID_FIELDS = frozenset({"valid", "client", "valid_until"})
+_ENTRY_FIELDS = frozenset({"key_hash", "client", "valid_until"})
 
 
 class ContractError(ValueError):
@@ -94,8 +97,15 @@ def parse_answer(document: Any, now: float | None = None) -> Answer:
     return Answer(client, valid_until, version)
 
 
-def parse_identity(document: Any) -> Client:
-    """A client identity of the contract; it must be active (only those validate)."""
+def parse_identity(document: Any, identities: Identities | None = None) -> Client:
+    """A client identity of the contract; it must be active (only those validate).
+
+    With ``identities``, an identity the same as one it holds comes back as that very client,
+    and a new one is parsed with its roles shared (see ``Identities``)."""
+    if identities is not None:
+        known = identities.known(document)
+        if known is not None:
+            return known
     if not isinstance(document, dict):
         raise ContractError("the client is not an object")
     fields = set(document)
@@ -114,8 +124,84 @@ def parse_identity(document: Any) -> Client:
         raise ContractError("roles outside the contract")
     if document["status"] != "active":
         raise ContractError("a valid key of a client that is not active")
-    return Client(
-        client_id, name, tuple(dict.fromkeys(roles)), parse_rate_limit(document.get("rate_limit"))
+    unique_roles = tuple(dict.fromkeys(roles))
+    rate_limit = parse_rate_limit(document.get("rate_limit"))
+    if identities is None:
+        return Client(client_id, name, unique_roles, rate_limit)
+    return identities.add(Client(client_id, name, identities.roles(unique_roles), rate_limit))
+
+
+class Identities:
+    """The clients parsed so far from one snapshot, so that each is parsed and held once.
+
+    A snapshot repeats a client's identity with every one of its keys. An identity that is,
+    field for field, the same as the last one parsed for its ``client_id`` is that client
+    again: it comes back without being parsed a second time, which is most of a snapshot's
+    parsing cost. Equal roles tuples of different clients are shared too (a few role sets
+    cover most clients). Seeded with the clients of the copy in use, a reload keeps those
+    that did not change as they are, instead of holding a second, equal copy of each.
+
+    It holds one entry per client of the snapshot (which the copy holds anyway), and lives
+    as long as one load.
+    """
+
+    __slots__ = ("_clients", "roles")
+
+    def __init__(self, clients: Iterable[Client] = ()) -> None:
+        self._clients: dict[str, Client] = {}
+        self.roles = Interner[tuple[str, ...]]()
+        for client in clients:
+            self._clients[client.client_id] = client
+            self.roles(client.roles)
+
+    def known(self, document: Any) -> Client | None:
+        """The client held for this identity's id, if the identity is exactly that client."""
+        if type(document) is not dict:
+            return None
+        client_id = document.get("client_id")
+        client = self._clients.get(client_id) if type(client_id) is str else None
+        if client is None or not _same_identity(document, client):
+            return None
+        return client
+
+    def add(self, client: Client) -> Client:
+        """Holds ``client`` as the one for its id, in place of any other."""
+        self._clients[client.client_id] = client
+        return client
+
+
+def _same_identity(document: dict[str, Any], client: Client) -> bool:
+    """Whether the identity is ``client``, field for field. Only values the contract allows
+    can be equal to a client's (validated) fields, once types are pinned where Python's
+    equality is loose: ``true`` and ``1.0`` are equal to ``1``."""
+    roles = document.get("roles")
+    if not (
+        document.get("client_name") == client.name
+        and document.get("status") == "active"
+        and type(roles) is list
+        and tuple(roles) == client.roles
+    ):
+        return False
+    # The four fields above are all there: any other can only be the rate limit.
+    others = len(document) - len(_IDENTITY_FIELDS)
+    if others == 0:
+        return client.rate_limit is None
+    return (
+        others == 1
+        and "rate_limit" in document
+        and _same_rate_limit(document["rate_limit"], client.rate_limit)
+    )
+
+
+def _same_rate_limit(document: Any, rate_limit: RateLimit | None) -> bool:
+    if document is None or rate_limit is None:
+        return document is None and rate_limit is None
+    return (
+        type(document) is dict
+        and len(document) == 2
+        and type(document.get("requests_per_unit")) is int
+        and document["requests_per_unit"] == rate_limit.requests_per_unit
+        and document.get("unit") == rate_limit.unit
     )
 
 
@@ -137,13 +223,13 @@ def parse_rate_limit(document: Any) -> RateLimit | None:
     return RateLimit(count, unit)
 
 
-def parse_entry(document: Any) -> Entry:
-    """A snapshot entry (or an upsert's entry)."""
-    if not isinstance(document, dict) or not {"key_hash", "client", "valid_until"} <= set(document):
+def parse_entry(document: Any, identities: Identities | None = None) -> Entry:
+    """A snapshot entry (or an upsert's entry); ``identities`` as for ``parse_identity``."""
+    if not isinstance(document, dict) or not document.keys() >= _ENTRY_FIELDS:
         raise ContractError("an entry without key_hash, client and valid_until")
     return Entry(
         parse_digest(document["key_hash"]),
-        parse_identity(document["client"]),
+        parse_identity(document["client"], identities),
         parse_time(document["valid_until"]),
     )
 
