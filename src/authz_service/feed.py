@@ -100,10 +100,8 @@ class ChangeFeed:
             await self._resync(session, "start")
             delay = self._settings.reconnect_delay
             while True:
-                retry_in = delay
                 try:
-                    await self._stream(session)
-                    delay = self._settings.reconnect_delay  # it ended after working
+                    await self._stream(session)  # returns only by raising
                 except _ResyncRequiredError:
                     await self._resync(session, "changes_pruned")
                     continue
@@ -114,6 +112,9 @@ class ChangeFeed:
                         extra={"fields": {"event": "feed_refused", "retry_in": retry_in}},
                     )
                 except Exception as exc:  # the stream broke: poll meanwhile, never stop
+                    if self.mode is Mode.STREAMING:  # it broke after working: no backoff yet
+                        delay = self._settings.reconnect_delay
+                    retry_in = delay
                     logs.failure(
                         log,
                         "registry change stream down; following by polling",
