@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,23 @@ async def until_metric(
     """Scrape until ``condition(metrics)`` holds."""
     metrics: Metrics = await poll(lambda: scrape(service), condition, what, within)
     return metrics
+
+
+async def until_applied(service: harness.Service, sent_at: float) -> None:
+    """Until the service has applied a change event that arrived after ``sent_at``."""
+
+    async def applied() -> bool:
+        asked = time.time()
+        metrics = await scrape(service)
+        if not metrics.has("authz_feed_last_event_age_seconds"):
+            return False
+        return asked - metrics.value("authz_feed_last_event_age_seconds") > sent_at
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not await applied():
+        assert loop.time() < deadline, "the change event was not applied within 5 s"
+        await asyncio.sleep(0.01)
 
 
 def decisions(service: harness.Service) -> list[dict[str, Any]]:

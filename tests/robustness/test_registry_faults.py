@@ -26,6 +26,7 @@ from tests.robustness.conftest import (
     http_service,
     scrape,
     until_allowed,
+    until_applied,
     until_denied,
 )
 from tests.robustness.faulty_registry import ECHOES, WRONG_TYPES, FaultyRegistry
@@ -169,23 +170,6 @@ async def test_garbage_bytes_are_denied_counted_and_logged_once(
 # --- races with the change feed ----------------------------------------------------------------
 
 
-async def _until_applied(service: harness.Service, sent_at: float) -> None:
-    """Until the service has applied a change event that arrived after ``sent_at``."""
-
-    async def applied() -> bool:
-        asked = time.time()
-        metrics = await scrape(service)
-        if not metrics.has("authz_feed_last_event_age_seconds"):
-            return False
-        return asked - metrics.value("authz_feed_last_event_age_seconds") > sent_at
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not await applied():
-        assert loop.time() < deadline, "the change event was not applied within 5 s"
-        await asyncio.sleep(0.01)
-
-
 async def _denied_throughout(
     checks: Any, key: str, seconds: float, registry: FaultyRegistry
 ) -> list[Any]:
@@ -215,7 +199,7 @@ async def test_an_answer_in_flight_when_its_key_is_revoked_is_never_served_or_ca
         await registry.wait_for(lambda s: s["held"] == 1, "a held lookup")
         sent_at = time.time()
         await registry.revoke(key)
-        await _until_applied(service, sent_at)
+        await until_applied(service, sent_at)
         await registry.faults(versions=versions)  # releases the held "valid"
         reply = await in_flight
         assert reply.status.message == "key_revoked"
