@@ -164,7 +164,7 @@ async def until_applied(service: harness.Service, sent_at: float) -> None:
 def decisions(service: harness.Service) -> list[dict[str, Any]]:
     """The service's decision log lines so far."""
     found = []
-    for line in service.logs().splitlines():
+    for line in service.logs().split("\n"):
         with contextlib.suppress(ValueError):
             record = json.loads(line)
             if isinstance(record, dict) and record.get("event") == "decision":
