@@ -208,10 +208,11 @@ async def accounted(service: harness.Service) -> AsyncIterator[Checks]:
         assert key not in logs, "a key reached the service's output"
 
 
-def http_service(
-    tmp_path: Path, registry: FaultyRegistry, **settings: str
+def in_front_of(
+    tmp_path: Path, registry: FaultyRegistry, /, **settings: str
 ) -> contextlib.AbstractContextManager[harness.Service]:
-    """authz-service in ``http`` mode in front of ``registry`` (``settings``: AUTHZ_ ones)."""
+    """authz-service resolving keys through ``registry`` (``settings``: AUTHZ_ ones by name;
+    the mode is http unless they say otherwise)."""
     merged: dict[str, Any] = {"registry": "http", **settings}
     return harness.authz_service(
         tmp_path, registry_url=registry.url, registry_token=registry.token, **merged

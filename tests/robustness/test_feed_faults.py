@@ -16,7 +16,7 @@ from tests.e2e import harness
 from tests.robustness.conftest import (
     Metrics,
     accounted,
-    http_service,
+    in_front_of,
     scrape,
     until_allowed,
     until_applied,
@@ -35,7 +35,7 @@ def service(
     tmp_path_factory: pytest.TempPathFactory, faulty: FaultyRegistry
 ) -> Iterator[harness.Service]:
     """A long cache TTL: only the feed can make a revocation take effect within a second."""
-    with http_service(
+    with in_front_of(
         tmp_path_factory.mktemp("authz"),
         faulty,
         cache_ttl="3600",

@@ -23,7 +23,7 @@ from tests.robustness.conftest import (
     accounted,
     all_denied,
     decisions,
-    http_service,
+    in_front_of,
     scrape,
     until_allowed,
     until_applied,
@@ -42,7 +42,7 @@ def service(
 ) -> Iterator[harness.Service]:
     """The breaker never opens here, so that every check meets the fault in force; refusals
     are cached briefly, so that repeated checks ask the registry again."""
-    with http_service(
+    with in_front_of(
         tmp_path_factory.mktemp("authz"),
         faulty,
         registry_timeout=str(REGISTRY_TIMEOUT),

@@ -10,7 +10,7 @@ import pytest
 
 from authz_service import apikeys
 from tests.e2e import harness
-from tests.robustness.conftest import accounted, http_service, readyz, scrape, until_metric
+from tests.robustness.conftest import accounted, in_front_of, readyz, scrape, until_metric
 from tests.robustness.faulty_registry import FaultyRegistry, poll
 
 pytestmark = pytest.mark.e2e
@@ -23,7 +23,7 @@ CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 def service(
     tmp_path_factory: pytest.TempPathFactory, faulty: FaultyRegistry
 ) -> Iterator[harness.Service]:
-    with http_service(
+    with in_front_of(
         tmp_path_factory.mktemp("authz"),
         faulty,
         registry_breaker_failures=str(FAILURES),

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from authz_service import apikeys
-from tests.robustness.conftest import Checks, decisions, http_service
+from tests.robustness.conftest import Checks, decisions, in_front_of
 from tests.robustness.faulty_registry import FaultyRegistry
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +27,7 @@ async def test_every_check_in_flight_at_sigterm_gets_its_decision(
     process exits 0."""
     keys = [await registry.add_key(f"shutdown-{n}") for n in range(VALID)]
     unknown = [apikeys.generate() for _ in range(UNKNOWN)]
-    with http_service(
+    with in_front_of(
         tmp_path, registry, grpc_workers="64", registry_timeout="4", check_timeout="5"
     ) as service:
         await registry.faults(verify="hold")
