@@ -95,7 +95,9 @@ class Faults:
     lag: bool = False
     stream: str = "ok"  # "refuse": 503 with Retry-After, as at the subscriber limit
     retry_after: int = 1
-    token: str = "accept"  # "reject": 403 for the service token (as after a rotation)
+    # "401" or "403": the service token refused, as by a registry that no longer knows it (401:
+    # as if none were sent); its open streams end, as after a rotation.
+    token: str = "accept"
     snapshot: str = "ok"  # "cut": an NDJSON snapshot without its trailer line
     versions: bool = True  # verify answers carry the change-log version (the contract's option)
 
@@ -350,13 +352,13 @@ class Registry:
 
     def authorize(self, request: web.Request) -> None:
         sent = request.headers.get("Authorization", "")
-        if not sent.startswith("Bearer "):
+        if not sent.startswith("Bearer ") or self.faults.token == "401":
             self.counts.rejected_tokens += 1
             raise web.HTTPUnauthorized(
                 text='{"error": "unauthorized", "message": "a bearer token is required"}',
                 content_type=JSON_TYPE,
             )
-        if self.faults.token == "reject" or sent != f"Bearer {self.token}":
+        if self.faults.token == "403" or sent != f"Bearer {self.token}":
             self.counts.rejected_tokens += 1
             raise web.HTTPForbidden(
                 text='{"error": "forbidden", "message": "wrong token"}', content_type=JSON_TYPE
@@ -395,7 +397,7 @@ class Registry:
             self.frozen = None
         elif self.frozen is None:
             self.frozen = View(self.live.version, dict(self.live.keys), dict(self.live.clients))
-        if faults.token == "reject" and self.faults.token != "reject":
+        if faults.token != "accept" and self.faults.token == "accept":
             self.push(None)  # a rotated token ends the streams opened with the old one
         if faults.verify != "hold":
             self.release()

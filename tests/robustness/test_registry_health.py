@@ -70,17 +70,18 @@ async def test_the_breaker_recovers_after_a_trial_that_got_nested_json(
 REJECTED = "the registry rejected AUTHZ_REGISTRY_TOKEN"
 
 
+@pytest.mark.parametrize("status", ["401", "403"])
 async def test_a_rejected_token_is_on_readyz_counted_and_cleared_once_accepted(
-    service: harness.Service, registry: FaultyRegistry
+    service: harness.Service, registry: FaultyRegistry, status: str
 ) -> None:
     """The registry starts refusing our token: /readyz says so in words and checks of new
     keys are denied (counted as token_rejected); once it accepts the token again the replica
     is ready without a restart, and keys resolve."""
     key = await registry.add_key("token-rotation")
     before = await scrape(service)
-    await registry.faults(token="reject")
+    await registry.faults(token=status)
     _, body = await poll(lambda: readyz(service), lambda r: r[0] == 503, "/readyz 503", within=5)
-    assert any(REJECTED in reason for reason in body["reasons"]), body
+    assert any(f"{REJECTED} (HTTP {status})" in reason for reason in body["reasons"]), body
     async with accounted(service) as checks:
         reply = await checks.check(key)
         assert (reply.status.message, reply.denied_response.status.code) == (
