@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,22 +33,13 @@ CHECK = "/envoy.service.auth.v3.Authorization/Check"
 DENY_STATUSES = frozenset({400, 401, 403, 413, 429, 503})
 
 
-def check_request(
-    authorization: str | None,
-    *,
-    request_id: str = "",
-    method: str = "GET",
-    path: str = "/",
-    headers: Mapping[str, str] | None = None,
-) -> CheckRequest:
-    """A CheckRequest as Envoy sends it for one HTTP request."""
-    sent = dict(headers or {})
+def check_request(authorization: str | None, request_id: str) -> CheckRequest:
+    """A CheckRequest as Envoy sends it for ``GET /``."""
+    headers = {"x-request-id": request_id}
     if authorization is not None:
-        sent["authorization"] = authorization
-    if request_id:
-        sent["x-request-id"] = request_id
+        headers["authorization"] = authorization
     http = AttributeContext.HttpRequest(
-        method=method, host="api.example.com", path=path, headers=sent
+        method="GET", host="api.example.com", path="/", headers=headers
     )
     return CheckRequest(attributes=AttributeContext(request=AttributeContext.Request(http=http)))
 
@@ -77,7 +68,7 @@ class Checks:
         if key is not None:
             self.keys.append(key)
             authorization = f"ApiKey {key}"
-        request = check_request(authorization, request_id=request_id)
+        request = check_request(authorization, request_id)
         return await self.send(request.SerializeToString(), deadline)
 
     async def send(self, data: bytes, deadline: float | None = 5.0) -> CheckResponse:
@@ -87,7 +78,7 @@ class Checks:
         return reply
 
     def external(self, request_id: str, key: str) -> None:
-        """Account for a check made by other means (grpcurl, Envoy)."""
+        """Account for a check made by other means (grpcurl)."""
         self.request_ids.append(request_id)
         self.keys.append(key)
 
@@ -137,7 +128,7 @@ async def readyz(service: harness.Service) -> tuple[int, Any]:
 
 
 async def until_metric(
-    service: harness.Service, condition: Any, what: str, within: float = 5.0
+    service: harness.Service, condition: Callable[[Metrics], bool], what: str, within: float = 5.0
 ) -> Metrics:
     """Scrape until ``condition(metrics)`` holds."""
     metrics: Metrics = await poll(lambda: scrape(service), condition, what, within)
@@ -145,20 +136,21 @@ async def until_metric(
 
 
 async def until_applied(service: harness.Service, sent_at: float) -> None:
-    """Until the service has applied a change event that arrived after ``sent_at``."""
+    """Until the service has applied a change event that arrived after ``sent_at`` (wall
+    clock): the feed's last event is younger than the time since then."""
 
-    async def applied() -> bool:
+    async def age_and_when() -> tuple[float | None, float]:
         asked = time.time()
         metrics = await scrape(service)
-        if not metrics.has("authz_feed_last_event_age_seconds"):
-            return False
-        return asked - metrics.value("authz_feed_last_event_age_seconds") > sent_at
+        age = metrics.value("authz_feed_last_event_age_seconds")
+        return (age if metrics.has("authz_feed_last_event_age_seconds") else None), asked
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not await applied():
-        assert loop.time() < deadline, "the change event was not applied within 5 s"
-        await asyncio.sleep(0.01)
+    await poll(
+        age_and_when,
+        lambda seen: seen[0] is not None and seen[1] - seen[0] > sent_at,
+        "the change event applied",
+        within=5,
+    )
 
 
 def decisions(service: harness.Service) -> list[dict[str, Any]]:
@@ -177,7 +169,7 @@ async def settled_logs(service: harness.Service, channel: grpc.aio.Channel) -> s
     answer is sent, so once a later check's line is written, theirs are too."""
     fence = f"fence-{uuid.uuid4().hex}"
     checks = Checks(channel)
-    await checks.send(check_request(None, request_id=fence).SerializeToString())
+    await checks.send(check_request(None, fence).SerializeToString())
 
     async def read() -> str:
         return service.logs()
