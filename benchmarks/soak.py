@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import random
 import sys
 import tempfile
@@ -96,6 +97,15 @@ class Load:
     revoked: list[str]
     outcomes: list[Outcome] = field(default_factory=list)
     phase: str = "warm-up"
+
+
+Phase = tuple[str, float, dict[str, int], float]  # name, start, Envoy's counts, service CPU
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def rss_mib(pid: int) -> float:
@@ -221,9 +231,7 @@ def envoy_ext_authz_stats(proxy: harness.Envoy) -> dict[str, int]:
     return found
 
 
-def service_events(
-    service: harness.Service, phases: list[tuple[str, float, dict[str, int]]]
-) -> dict[str, Counter[str]]:
+def service_events(service: harness.Service, phases: list[Phase]) -> dict[str, Counter[str]]:
     """The service's log lines other than decisions, at warning level or above, by phase and
     event."""
     events: dict[str, Counter[str]] = {}
@@ -234,7 +242,7 @@ def service_events(
         if record.get("level") not in ("warning", "error", "critical"):
             continue
         at = datetime.fromisoformat(record["ts"]).timestamp()
-        phase = next((name for name, began, _ in reversed(phases) if at >= began), "warm-up")
+        phase = next((name for name, began, *_ in reversed(phases) if at >= began), "warm-up")
         events.setdefault(phase, Counter())[str(record.get("event"))] += 1
     return events
 
@@ -264,12 +272,14 @@ class Stack:
     proxy: harness.Envoy
     load: Load
     clients: list[dict[str, Any]]  # the valid keys' clients, in load.valid's order
-    phases: list[tuple[str, float, dict[str, int]]] = field(default_factory=list)
+    phases: list[Phase] = field(default_factory=list)
 
     def begin(self, phase: str) -> None:
-        """Switch the load to ``phase``; note when, and Envoy's counts so far."""
+        """Switch the load to ``phase``; note when, Envoy's counts so far and the CPU time
+        authz-service has used."""
         self.load.phase = phase
-        self.phases.append((phase, time.time(), envoy_ext_authz_stats(self.proxy)))
+        counts = envoy_ext_authz_stats(self.proxy)
+        self.phases.append((phase, time.time(), counts, cpu_seconds(self.service.process.pid)))
 
     async def metric(self, name: str) -> float | None:
         return (await asyncio.to_thread(metrics, self.service)).get(name)
@@ -412,14 +422,18 @@ def print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(f"errors (an answer not authz-service's): {sum(errors.values())} {dict(errors)}")
     print(f"valid keys during the outage, by status: {dict(outage_valid)}")
     phases = report["phases"]
-    for (phase, began, counts), (_, _, later) in itertools.pairwise(phases):
+    for (phase, began, counts, cpu), (_, ended, later, cpu_later) in itertools.pairwise(phases):
         envoy = {name: later[name] - counts.get(name, 0) for name in later}
         events = dict(report["events"].get(phase, {}))
         print(f"{phase}: Envoy's check outcomes {envoy}; service warnings and errors {events}")
+        requests = sum(1 for o in outcomes if o.phase == phase)
+        print(
+            f"  authz-service CPU {cpu_later - cpu:.1f} s over {ended - began:.0f} s: "
+            f"{(cpu_later - cpu) / max(requests, 1) * 1e6:.0f} µs per request"
+        )
         failed = [o.sent_at - began for o in outcomes if o.phase == phase and not o.ours]
         if failed:
             print(f"  its errors were sent from +{min(failed):.1f} s to +{max(failed):.1f} s")
-        ended = next(at for name, at, _ in phases if at > began)
         lag: Lag = report["lag"]
         own = [seconds for at, seconds in lag.own if began <= at < ended]
         service = [seconds for at, seconds in lag.service if began <= at < ended]
