@@ -1,5 +1,6 @@
-"""Soak: mixed load through Envoy for minutes, with the client registry down for a minute in
-the middle. Not part of CI.
+"""A soak: mixed load through Envoy for minutes, with the registry down in the middle.
+
+Not part of CI.
 
     .venv/bin/python benchmarks/soak.py [--minutes 5] [--rate 200]
 
