@@ -5,11 +5,11 @@ Not part of CI.
     .venv/bin/python benchmarks/soak.py [--minutes 5] [--rate 200]
 
 The real client registry (SQLite), authz-service (AUTHZ_REGISTRY=http, default settings) and
-Envoy with envoy/front-proxy.yaml run as processes on loopback, with an echo upstream. Requests
-go through Envoy at --rate per second: valid keys (80 %), keys revoked before the load started
-(10 %) and random well-formed keys nobody registered (10 %). After a warm-up, the load runs
-for --minutes; the registry is stopped for the middle minute (a third of the run, if shorter)
-and started again on the same port and database.
+Envoy with envoy/front-proxy.yaml run as processes on loopback, before an upstream that answers
+at once. Requests go through Envoy at --rate per second: valid keys (80 %), keys revoked before
+the load started (10 %) and random well-formed keys nobody registered (10 %). After a warm-up,
+the load runs for --minutes; the registry is stopped for the middle minute (a third of the run,
+if shorter) and started again on the same port and database.
 
 Printed: per phase (before, during and after the outage), requests, errors (no answer, or an
 answer that is not ours) and latency; wrong outcomes: an allow for a revoked or unknown key
