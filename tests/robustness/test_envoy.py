@@ -252,3 +252,36 @@ def http_request(
         return reply.status, reply.getheader("x-ext-authz-reason")
     finally:
         conn.close()
+
+
+UNDERSCORED = [
+    variant
+    for name in IDENTITY
+    for variant in (
+        name.replace("-", "_"),
+        name.replace("-", "_").upper(),
+        "_".join(w.capitalize() for w in name.split("-")),
+        name.replace("-", "_", 1),  # x_client-id
+        "_".join(name.rsplit("-", 1)),  # x-client_id
+    )
+]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_spoofed_identity_headers_with_underscores_never_reach_the_upstream(
+    front_proxy: harness.Envoy, upstream: harness.Upstream, keys: Keys, route: Route
+) -> None:
+    """x_client_id, X_Client_Roles, x-client_id ...: a WSGI or CGI upstream reads each as
+    the identity header, so Envoy must never forward them (it refuses the request, or the
+    upstream sees only ours)."""
+    headers = spoofed(UNDERSCORED)
+    if route.client is not None:
+        headers.append(("Authorization", f"ApiKey {getattr(keys, route.client)}"))
+    before = len(upstream.seen)
+    reply = harness.send(front_proxy.port, route.path, headers)
+    if reply.status == 400:  # headers_with_underscores_action: REJECT_REQUEST
+        assert len(upstream.seen) == before
+        return
+    assert reply.status == 200, reply.body
+    seen = identity_seen(upstream.seen[-1])
+    assert seen == {name: [value] for name, value in route.expected.items()}
