@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import aiohttp
 
@@ -99,10 +100,8 @@ class ChangeFeed:
             await self._resync(session, "start")
             delay = self._settings.reconnect_delay
             while True:
-                retry_in = delay
                 try:
-                    await self._stream(session)
-                    delay = self._settings.reconnect_delay  # it ended after working
+                    await self._stream(session)  # returns only by raising
                 except _ResyncRequiredError:
                     await self._resync(session, "changes_pruned")
                     continue
@@ -113,6 +112,9 @@ class ChangeFeed:
                         extra={"fields": {"event": "feed_refused", "retry_in": retry_in}},
                     )
                 except Exception as exc:  # the stream broke: poll meanwhile, never stop
+                    if self.mode is Mode.STREAMING:  # it broke after working: no backoff yet
+                        delay = self._settings.reconnect_delay
+                    retry_in = delay
                     logs.failure(
                         log,
                         "registry change stream down; following by polling",
@@ -200,18 +202,11 @@ class ChangeFeed:
             await asyncio.sleep(min(self._settings.poll_interval, max(0, until - loop.time())))
 
     async def _poll(self, session: aiohttp.ClientSession) -> None:
+        if self.version is None:
+            self.version = await self._current_version(session)
+            return
         while True:
-            params = {"limit": "1000"} if self.version is None else {"since": str(self.version)}
-            async with session.get(
-                f"{self._base}/v1/changes", params=params, allow_redirects=False
-            ) as reply:
-                self._check_status(reply)
-                document = await reply.json()
-            if not isinstance(document, dict) or not isinstance(document.get("changes"), list):
-                raise FeedError("a change log outside the contract")
-            if self.version is None:
-                self.version = contract.parse_version(document.get("current_version"))
-                return
+            document = await self._changes(session, {"since": str(self.version)})
             changes = [contract.parse_change(item) for item in document["changes"]]
             for change in changes:
                 self._consumer.apply(change)
@@ -221,15 +216,16 @@ class ChangeFeed:
                 return
 
     async def _resync(self, session: aiohttp.ClientSession, why: str) -> None:
-        """Have the consumer start afresh; retried until it succeeds."""
+        """Have the consumer start afresh; retried until it succeeds. A consumer that keeps no
+        version of its own (a cache) then follows on from the registry's current version, as
+        learnt before it started afresh: the version the feed had may be gone from the change
+        log (410), and no change after the one learnt may be missed."""
         delay = self._settings.reconnect_delay
         while True:
             try:
+                current = await self._current_version(session)
                 version = await self._consumer.resync()
-                if version is None and self.version is None:
-                    await self._poll(session)  # learns the registry's current version
-                elif version is not None:
-                    self.version = version
+                self.version = current if version is None else version
             except Exception as exc:
                 logs.failure(
                     log, "resync with the registry failed", "feed_resync_failed", exc, reason=why
@@ -245,6 +241,22 @@ class ChangeFeed:
                 },
             )
             return
+
+    async def _current_version(self, session: aiohttp.ClientSession) -> int:
+        document = await self._changes(session, {"limit": "1"})
+        return contract.parse_version(document.get("current_version"))
+
+    async def _changes(
+        self, session: aiohttp.ClientSession, params: dict[str, str]
+    ) -> dict[str, Any]:
+        async with session.get(
+            f"{self._base}/v1/changes", params=params, allow_redirects=False
+        ) as reply:
+            self._check_status(reply)
+            document = await reply.json()
+        if not isinstance(document, dict) or not isinstance(document.get("changes"), list):
+            raise FeedError("a change log outside the contract")
+        return document
 
     def _check_status(self, reply: aiohttp.ClientResponse) -> None:
         if reply.status in (401, 403):
