@@ -92,6 +92,12 @@ class RecentChanges:
                     break
                 records.popitem(last=False)
 
+    def lost_track(self) -> None:
+        """Changes may have been missed (a resync): no answer to a lookup that began before
+        now can be judged, so each is asked again."""
+        self._seq += 1
+        self._dropped_seq = self._seq
+
     def judge(self, digest: bytes, answer: Answer, mark: int) -> Answer | Stale:
         """The answer to use for a lookup that started at ``mark``: the answer itself, a
         refusal from a tombstone it must not override, or STALE."""

@@ -123,8 +123,9 @@ class ChangeFeed:
                         retry_in=retry_in,
                     )
                 self.mode = Mode.POLLING
-                await self._poll_for(session, retry_in)
-                delay = min(delay * 2, _MAX_DELAY)
+                recovered = await self._poll_for(session, retry_in)
+                # Back from an outage: the stream at once, and a backoff that starts afresh.
+                delay = self._settings.reconnect_delay if recovered else min(delay * 2, _MAX_DELAY)
 
     async def _stream(self, session: aiohttp.ClientSession) -> None:
         headers = {"Accept": "text/event-stream"}
@@ -186,19 +187,25 @@ class ChangeFeed:
         if event_id is not None and event_id.isdigit() and len(event_id) < 20:
             self.version = int(event_id)
 
-    async def _poll_for(self, session: aiohttp.ClientSession, seconds: float) -> None:
-        """Follow the delta form for ``seconds``."""
+    async def _poll_for(self, session: aiohttp.ClientSession, seconds: float) -> bool:
+        """Follow the delta form for ``seconds``, or until the registry answers again after a
+        poll it did not answer (then True: the stream is worth trying at once)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
+        unanswered = False
         while True:
             try:
                 await self._poll(session)
             except _ResyncRequiredError:
                 await self._resync(session, "changes_pruned")
             except Exception as exc:
+                unanswered = True
                 logs.failure(log, "registry change log not read", "feed_poll_failed", exc)
+            else:
+                if unanswered:
+                    return True
             if loop.time() >= until:
-                return
+                return False
             await asyncio.sleep(min(self._settings.poll_interval, max(0, until - loop.time())))
 
     async def _poll(self, session: aiohttp.ClientSession) -> None:

@@ -185,7 +185,9 @@ class CachingResolver:
         self.invalidate(change.digest, None)
 
     async def resync(self) -> None:
-        """Changes may have been missed: forget every answer."""
+        """Changes may have been missed: forget every answer, and every lookup in flight asks
+        again once its answer arrives."""
+        self._changes.lost_track()
         self._cache.clear()
 
     # --- on the event loop ---------------------------------------------------------------------

@@ -97,3 +97,19 @@ async def test_a_rejected_token_is_on_readyz_counted_and_cleared_once_accepted(
     async with accounted(service) as checks:
         assert (await checks.check(key)).status.code == 0
     assert (await scrape(service)).value("authz_problem", component="registry") == 0
+
+
+async def test_readiness_comes_back_once_the_token_is_accepted_even_with_no_check_to_try_it(
+    tmp_path_factory: pytest.TempPathFactory, registry: FaultyRegistry
+) -> None:
+    """Without the change feed (which would notice), only checks talk to the registry, and an
+    unready replica gets none: the registry client asks on its own, with backoff, until the
+    token is accepted, and /readyz clears without a restart."""
+    key = await registry.add_key("token-probe")
+    with in_front_of(tmp_path_factory.mktemp("authz"), registry, registry_feed="false") as alone:
+        await registry.faults(token="403")
+        async with accounted(alone) as checks:
+            assert (await checks.check(key)).status.message == "registry_unavailable"
+        await poll(lambda: readyz(alone), lambda r: r[0] == 503, "/readyz 503", within=5)
+        await registry.faults()
+        await poll(lambda: readyz(alone), lambda r: r[0] == 200, "/readyz 200", within=10)

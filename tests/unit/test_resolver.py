@@ -337,3 +337,17 @@ class TestChanges:
         await resolve(resolver)
         await resolver.resync()
         assert cached(resolver) is None
+
+    async def test_an_answer_in_flight_across_a_resync_is_asked_again(
+        self, resolver: CachingResolver, backend: FakeVerifier
+    ) -> None:
+        """Changes missed before a resync cannot be judged: the answer that overlapped it is
+        not trusted, and the registry is asked once more."""
+        release = backend.hold()
+        lookup = asyncio.ensure_future(resolve(resolver))
+        await backend.started.wait()
+        await resolver.resync()
+        backend.answers[apikeys.digest(KEY)] = Answer(Reason.KEY_REVOKED)
+        release.set()
+        assert await lookup is Reason.KEY_REVOKED
+        assert backend.calls == 2

@@ -38,6 +38,11 @@ VERIFY_PATH = "/v1/keys/verify"
 MAX_RESPONSE_BYTES = 16 * 1024
 RETRY_PAUSE = (0.002, 0.01)  # seconds: short, as the check's deadline is counted in milliseconds
 REJECTED = "the registry rejected AUTHZ_REGISTRY_TOKEN (HTTP {status}): set its service token"
+# Asked now and then while the registry rejects our token: it needs the service token and,
+# without a version, reads nothing, so /readyz clears once the token is accepted again even if
+# no check arrives (an unready replica gets none).
+PROBE_PATH = "/v1/changes"
+_PROBE_DELAYS = (1.0, 30.0)  # seconds: the first wait between probes, and the longest
 
 
 class InvalidAnswerError(RegistryError):
@@ -61,7 +66,8 @@ class HttpRegistry:
         observe_latency: Callable[[float], None] = lambda _: None,
         tracing: Tracing | None = None,
     ) -> None:
-        self._url = base_url.rstrip("/") + VERIFY_PATH
+        self._base = base_url.rstrip("/")
+        self._url = self._base + VERIFY_PATH
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -70,6 +76,7 @@ class HttpRegistry:
         self._observe_latency = observe_latency
         self._tracing = tracing
         self._session: aiohttp.ClientSession | None = None
+        self._probe: asyncio.Task[None] | None = None
         self.outcomes = {"ok": 0, "error": 0, "busy": 0, "circuit_open": 0, "token_rejected": 0}
 
     @property
@@ -89,6 +96,8 @@ class HttpRegistry:
         )
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -116,7 +125,7 @@ class HttpRegistry:
                 self._breaker.failed()
                 if isinstance(exc, TokenRejectedError):
                     self.outcomes["token_rejected"] += 1
-                    self._health.report("registry", str(exc))
+                    self._token_rejected(str(exc))
                 else:
                     self.outcomes["error"] += 1
                     logs.failure(
@@ -134,6 +143,28 @@ class HttpRegistry:
             self._breaker.succeeded()
             self._health.report("registry", None)
             return answer
+
+    def _token_rejected(self, problem: str) -> None:
+        self._health.report("registry", problem)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_token())
+
+    async def _probe_token(self) -> None:
+        """Until the registry accepts our token again, ask it now and then, with backoff."""
+        delay = _PROBE_DELAYS[0]
+        while self._session is not None:
+            await asyncio.sleep(delay)
+            try:
+                async with self._session.get(
+                    self._base + PROBE_PATH, allow_redirects=False
+                ) as reply:
+                    status = reply.status
+            except Exception:  # unreachable for now: that is not an answer about the token
+                status = 0
+            if 200 <= status < 300:
+                self._health.report("registry", None)
+                return
+            delay = min(delay * 2, _PROBE_DELAYS[1])
 
     async def _call_once_more_if_unsent(self, credential: Credential) -> Answer:
         """One retry, after a short random pause, when the request never reached the registry
