@@ -157,9 +157,10 @@ def parse_answer(answer: Any) -> Client | Reason:
     """The two documented shapes, exactly; anything else raises."""
     if not isinstance(answer, dict):
         raise TypeError("not an object")
-    if answer.get("valid") is False and set(answer) == {"valid", "reason"}:
+    fields = set(answer) - {"version"}  # the change-log version is optional in the contract
+    if answer.get("valid") is False and fields == {"valid", "reason"}:
         return _REFUSALS[answer["reason"]]
-    if answer.get("valid") is not True or set(answer) != {"valid", "client", "valid_until"}:
+    if answer.get("valid") is not True or fields != {"valid", "client", "valid_until"}:
         raise ValueError("neither a valid nor an invalid verdict")
     client = parse_identity(answer["client"])
     valid_until = parse_time(answer["valid_until"])
