@@ -76,7 +76,7 @@ async def running(settings: RegistrySettings) -> AsyncIterator[Running]:
         listener = _bind(settings.address)
         stack.callback(listener.close)
         db = Database(settings.database_url, settings.pool_size)
-        stack.callback(db.close)
+        stack.push_async_callback(db.aclose)
         version = await asyncio.to_thread(db.migrate)
         admin_token, service_token = tokens(settings)
         notifications = None
