@@ -53,7 +53,12 @@ class RegistrySettings:
         "longest grace period an old key may keep working after regeneration",
         between(0, 30 * 86400),
     )
-    pool_size: int = setting(4, "database connections (PostgreSQL)", between(1, 64))
+    pool_size: int = setting(
+        4,
+        "database connections (PostgreSQL) for single-statement reads (verification, the change "
+        "log), and as many for transactions",
+        between(1, 64),
+    )
     feed_poll_interval: float = setting(
         0.2,
         "seconds between polls of the change log by this process's one reader when no "
