@@ -297,7 +297,8 @@ class Store:
     # --- verification --------------------------------------------------------------------------
     async def verify(self, key: str) -> Verification:
         # One statement, so that the version and the rows come from one snapshot of the database.
-        (row,) = await self._db.query(_VERIFY, (self._hash(key),))
+        rows = await self._db.query(_VERIFY, (self._hash(key),))
+        row = _present(rows[0] if rows else None)
         version, found, expires_at, revoked_at = int(row[0]), row[1], row[2], row[3]
         if found is None:
             return Verification(version, valid=False, reason="unknown")

@@ -431,9 +431,45 @@ def test_a_write_reaches_a_stream_of_another_process_by_notification(
     assert event.data["entry"]["client"]["client_id"] == created["client_id"]
 
 
+async def test_a_lost_notification_channel_falls_back_to_polling_until_it_is_back(
+    tmp_path: Path, postgres: str
+) -> None:
+    """With its LISTEN connection killed, a registry still learns of another's writes (by
+    polling), and listens again once it reconnects."""
+    import psycopg  # noqa: PLC0415
+
+    settings = settings_for(create_database(postgres, "relisten"), tmp_path)
+    async with started(settings) as writer, started(settings) as follower:
+        feed = follower.running.feed
+        assert feed.listening
+        with psycopg.connect(settings.database_url, autocommit=True) as connection:
+            connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
+            )
+
+        async def polling() -> bool:
+            return not feed.listening
+
+        await eventually(polling)
+        async with follower.session.get(
+            follower.base + "/v1/changes/stream", headers=AUTH
+        ) as stream:
+            await read_event(stream)
+            created = await writer.create()
+            event = await asyncio.wait_for(read_event(stream), 10)
+        assert event.data["entry"]["client"]["client_id"] == created["client_id"]
+
+        async def listening() -> bool:
+            return feed.listening
+
+        await eventually(listening)
+
+
 def test_the_hot_queries_use_indexes(tmp_path: Path, postgres: str) -> None:
     """With sequential scans priced out, verification, the change log and pruning read
-    api_keys, clients and changes through indexes only (the migrations create them)."""
+    api_keys, clients and changes through indexes only (the migrations create them). Counted
+    from pg_stat_user_tables, which every connection reports to when it closes."""
     import psycopg  # noqa: PLC0415
 
     url = create_database(postgres, "indexed")
@@ -441,28 +477,34 @@ def test_the_hot_queries_use_indexes(tmp_path: Path, postgres: str) -> None:
         connection.execute("ALTER DATABASE indexed SET enable_seqscan = off")
     settings = settings_for(url, tmp_path)
 
-    async def scenario() -> None:
+    async def prepare() -> dict[str, Any]:
         async with started(settings) as registry:
-            created = await registry.create()
-            with psycopg.connect(url) as connection:
-                before = seq_scans(connection)
+            return await registry.create()
+
+    async def scenario(created: dict[str, Any]) -> None:
+        async with started(settings) as registry:
             await registry.verify(created["api_key"])
             await registry.verify(apikeys.generate())
             await registry.call("GET", "/v1/changes?since=0", token=SERVICE)
+            await registry.call("GET", "/v1/changes", token=SERVICE)
             await registry.call("GET", f"/clients/{created['client_id']}")
             await registry.running.store.prune(retention=3600, max_rows=10)
-            with psycopg.connect(url) as connection:
-                assert seq_scans(connection) == before
 
-    asyncio.run(scenario())
+    created = asyncio.run(prepare())
+    before = seq_scans(url)
+    asyncio.run(scenario(created))
+    assert seq_scans(url) == before
 
 
-def seq_scans(connection: Any) -> dict[str, int]:
-    connection.execute("SELECT pg_stat_force_next_flush()")
-    rows = connection.execute(
-        "SELECT relname, seq_scan FROM pg_stat_user_tables "
-        "WHERE relname IN ('api_keys', 'clients', 'changes')"
-    ).fetchall()
+def seq_scans(url: str) -> dict[str, int]:
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SELECT pg_stat_clear_snapshot()")
+        rows = connection.execute(
+            "SELECT relname, seq_scan FROM pg_stat_user_tables "
+            "WHERE relname IN ('api_keys', 'clients', 'changes')"
+        ).fetchall()
     return {name: count for name, count in rows}
 
 
