@@ -569,10 +569,13 @@ class _SnapshotBody:
         return next(self._pieces, None)
 
     def close(self) -> None:
-        if self._pieces is not None:
-            self._pieces.close()
-        if self._snapshot is not None:
-            self._snapshot.close()
+        try:
+            if self._pieces is not None:
+                with contextlib.suppress(Exception):  # its connection may be broken already
+                    self._pieces.close()
+        finally:
+            if self._snapshot is not None:
+                self._snapshot.close()
 
     def _produce(self, snapshot: KeySnapshot) -> Generator[bytes]:
         yield self.form.head(snapshot.version).encode()

@@ -194,6 +194,49 @@ class TestSnapshot:
             assert (await first)[0] == 200
             assert (await snapshot(registry))[0] == 200
 
+    async def test_a_snapshot_whose_client_leaves_is_closed_and_frees_its_slot(
+        self,
+        registry_settings: RegistrySettings,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The client goes after the first entries: the database snapshot is closed (its
+        connection released), and the one slot serves the next snapshot."""
+        release, closed = threading.Event(), threading.Event()
+        entries, close = store.KeySnapshot.entries, store.KeySnapshot.close
+
+        def held(self: store.KeySnapshot, size: int) -> Iterator[list[str]]:
+            for n, batch in enumerate(entries(self, size)):
+                if n == 1:
+                    release.wait(30)
+                yield batch
+
+        def closing(self: store.KeySnapshot) -> None:
+            close(self)
+            closed.set()
+
+        monkeypatch.setattr(store.KeySnapshot, "entries", held)
+        monkeypatch.setattr(store.KeySnapshot, "close", closing)
+        async with started(registry_settings, max_snapshot_streams=1) as registry:
+            for n in range(5):
+                await registry.create(f"C{n}")
+            async with (
+                aiohttp.ClientSession() as leaving,
+                leaving.get(
+                    registry.base + "/v1/snapshot",
+                    headers={**AUTH, "Accept": "application/x-ndjson"},
+                ) as reply,
+            ):
+                assert json.loads(await reply.content.readline()) == {
+                    "version": await current_version(registry)
+                }
+            release.set()
+            assert await asyncio.to_thread(closed.wait, 30)
+
+            async def served() -> bool:
+                return (await snapshot(registry))[0] == 200
+
+            await eventually(served)
+
 
 class TestPruning:
     async def test_a_follower_behind_the_pruned_log_is_told_to_resync(
