@@ -96,10 +96,13 @@ class ChangeFeed:
                 "registry change feed connected",
                 extra={"fields": {"event": "feed_connected", "version": self.version}},
             )
+            event = b""
             while line := await reply.content.readline():
                 if len(line) > MAX_EVENT_BYTES:
                     raise ValueError("change event over the size limit")
-                if line.startswith(b"data: "):
+                if line.startswith(b"event: "):
+                    event = line[len(b"event: ") :].strip()
+                if line.startswith(b"data: ") and event == b"change":  # not "ready"
                     change = json.loads(line[len(b"data: ") :])
                     self._on_change(change)
                     self.version = int(change["version"])
