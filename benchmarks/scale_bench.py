@@ -18,6 +18,7 @@ RSS are its own; the load comes from this process. Scenarios (--only picks some)
   change streams on PostgreSQL.
 - revocation: from sending a revocation until each of 300 streams has it, p50/p99/max, through
   the registry serving the streams and through another registry process (LISTEN/NOTIFY).
+- capacity: the registry's RSS, idle CPU and revocation p99 with 300, 1000 and 2000 streams.
 
 --quick: 100k keys, shorter windows, one round. Not in CI: tests/registry/test_feed_and_snapshot.py
 runs each scenario at small size, for correctness only. More scenarios (authz-service's own)
@@ -35,6 +36,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -79,11 +81,20 @@ class Bench:
     workdir: Path
     rows: list[Row] = field(default_factory=list)
     _datasets: dict[tuple[str, int], str] = field(default_factory=dict)
+    _victims: dict[str, Iterator[int]] = field(default_factory=dict)
 
     def report(self, scenario: str, figure: str, value: float, unit: str, target: str = "") -> None:
         row = Row(scenario, figure, value, unit, target)
         self.rows.append(row)
         print(f"  {figure:<58} {value:>10.1f} {unit:<8} {target}", flush=True)
+
+    def victims(self, url: str) -> Iterator[int]:
+        """Clients of a dataset not revoked yet, from the last one down (verify's keys are
+        random, so it runs before any revocation)."""
+        if url not in self._victims:
+            keys = next(n for (_, n), known in self._datasets.items() if known == url)
+            self._victims[url] = iter(range(max(1, keys // KEYS_PER_CLIENT) - 1, 0, -1))
+        return self._victims[url]
 
     def dataset(self, dialect: str, keys: int) -> str:
         """A database URL holding ``keys`` keys (made once per run)."""
@@ -615,31 +626,41 @@ async def idle_scenario(bench: Bench) -> None:
 
 
 # --- scenario: revocation ----------------------------------------------------------------------
+async def revocations(
+    bench: Bench, served: Registry, writer: Registry, opened: list[Stream], victims: Iterator[int]
+) -> list[float]:
+    """Revoke clients one at a time through ``writer``; for each revocation and each stream
+    (served by ``served``), the time from sending it until that stream had it."""
+    admin = await Connection.open(writer.port)
+    latencies = []
+    try:
+        for _ in range(bench.args.revocations):
+            before = await current_version(served.port)
+            sent = time.monotonic()
+            status, _ = await admin.request(
+                "DELETE", f"/clients/{client_id(next(victims))}/api-key", ADMIN
+            )
+            expect(status == 204, f"revocation answered {status}")
+            after = await current_version(served.port)
+            expect(after > before, "the revocation logged no change")
+            async with asyncio.timeout(10):
+                # Polling is fine here: arrival times are taken by the readers.
+                while not all(after in s.arrivals for s in opened):  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+            latencies += [s.arrivals[after] - sent for s in opened]
+            await asyncio.sleep(0.1)
+    finally:
+        admin.close()
+    return latencies
+
+
 async def revocation_scenario(bench: Bench) -> None:
     url = bench.dataset("postgresql", bench.args.keys)
-    clients = max(1, bench.args.keys // KEYS_PER_CLIENT)
-    victims = iter(range(clients - 1, 0, -1))
+    victims = bench.victims(url)
     with registry(bench, url) as served, registry(bench, url) as other:
         async with streams(served.port, STREAMS) as opened:
             for label, writer in (("the same registry", served), ("another registry", other)):
-                admin = await Connection.open(writer.port)
-                latencies = []
-                for _ in range(bench.args.revocations):
-                    before = await current_version(served.port)
-                    sent = time.monotonic()
-                    status, _ = await admin.request(
-                        "DELETE", f"/clients/{client_id(next(victims))}/api-key", ADMIN
-                    )
-                    expect(status == 204, f"revocation answered {status}")
-                    after = await current_version(served.port)
-                    expect(after > before, "the revocation logged no change")
-                    async with asyncio.timeout(10):
-                        # Polling is fine here: arrival times are taken by the readers.
-                        while not all(after in s.arrivals for s in opened):  # noqa: ASYNC110
-                            await asyncio.sleep(0.005)
-                    latencies += [s.arrivals[after] - sent for s in opened]
-                    await asyncio.sleep(0.1)
-                admin.close()
+                latencies = await revocations(bench, served, writer, opened, victims)
                 name = f"revocation to {STREAMS} streams, through {label}"
                 bench.report("revocation", f"{name}: p50", percentile(latencies, 0.5) * 1e3, "ms")
                 bench.report(
@@ -652,11 +673,40 @@ async def revocation_scenario(bench: Bench) -> None:
                 bench.report("revocation", f"{name}: max", max(latencies) * 1e3, "ms")
 
 
+# --- scenario: capacity ------------------------------------------------------------------------
+async def capacity_scenario(bench: Bench) -> None:
+    """What one registry process holds: RSS, idle CPU and revocation latency by stream count
+    (the default REGISTRY_MAX_FEED_SUBSCRIBERS comes from here)."""
+    url = bench.dataset("postgresql", bench.args.keys)
+    victims = bench.victims(url)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16_384)), hard))
+    with registry(bench, url, max_feed_subscribers="10000") as served:
+        idle_rss = rss_mib(served.pid)
+        for count in (300, 1000, 2000):
+            async with streams(served.port, count) as opened:
+                await asyncio.sleep(1.0)
+                rss, cpu = rss_mib(served.pid), cpu_seconds(served.pid)
+                await asyncio.sleep(bench.args.seconds)
+                busy = (cpu_seconds(served.pid) - cpu) / bench.args.seconds * 100
+                latencies = await revocations(bench, served, served, opened, victims)
+            name = f"{count} streams"
+            bench.report("capacity", f"{name}: registry RSS (idle {idle_rss:.0f})", rss, "MiB")
+            bench.report("capacity", f"{name}: registry CPU while idle", busy, "%")
+            bench.report(
+                "capacity",
+                f"{name}: revocation p99",
+                percentile(latencies, 0.99) * 1e3,
+                "ms",
+            )
+
+
 SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
     "snapshot": snapshot_scenario,
     "verify": verify_scenario,
     "idle": idle_scenario,
     "revocation": revocation_scenario,
+    "capacity": capacity_scenario,
 }
 
 
