@@ -119,6 +119,9 @@ class ChangeFeed:
                 if page.state.pruned_through > last:
                     return
                 frames = [Frame(v, change_frame(v, change)) for v, change in page.changes]
+                if not frames:  # the log has nothing after ``last``: memory takes over from here
+                    last = max(last, self._floor)
+                    continue
             if frames:
                 yield b"".join(frame.data for frame in frames)
                 last = frames[-1].version
