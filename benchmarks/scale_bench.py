@@ -497,6 +497,7 @@ async def current_version(port: int) -> int:
 class Load:
     latencies: list[float]  # from sending a request to its whole answer
     lateness: list[float]  # from when a request was due to when it was sent
+    failures: int = 0  # answers other than "valid" (503 when the registry is overwhelmed)
 
 
 async def open_loop(port: int, keys: int, seconds: float) -> Load:
@@ -506,10 +507,8 @@ async def open_loop(port: int, keys: int, seconds: float) -> Load:
     (its timer granularity and the shared machine) is reported beside the latencies."""
     idle: list[Connection] = []
     load = Load([], [])
-    failures = 0
 
     async def one(due: float, n: int) -> None:
-        nonlocal failures
         sent = time.monotonic()
         load.lateness.append(sent - due)
         connection = idle.pop() if idle else await Connection.open(port)
@@ -518,7 +517,7 @@ async def open_loop(port: int, keys: int, seconds: float) -> Load:
         load.latencies.append(time.monotonic() - sent)
         idle.append(connection)
         if status != 200 or b'"valid": true' not in answer:
-            failures += 1
+            load.failures += 1
 
     rng = random.Random(7)
     tasks = []
@@ -534,8 +533,6 @@ async def open_loop(port: int, keys: int, seconds: float) -> Load:
     await asyncio.gather(*tasks)
     for connection in idle:
         connection.close()
-    if failures:
-        raise RuntimeError(f"{failures} verifications did not answer valid")
     return load
 
 
@@ -567,6 +564,8 @@ async def verify_scenario(bench: Bench) -> None:
                 )
             late = statistics.median(percentile(load.lateness, 0.99) * 1e3 for load in loads)
             bench.report("verify", f"{name}: (requests sent late by, p99)", late, "ms")
+            failed = sum(load.failures for load in loads)
+            bench.report("verify", f"{name}: answers other than valid", failed, "", "<= 0")
         ratios = [
             percentile(b.latencies, 0.99) / percentile(q.latencies, 0.99)
             for q, b in zip(quiet, busy, strict=True)
