@@ -3,6 +3,9 @@
 Management (the ADR's endpoints) needs the admin token; verification (validate, snapshot,
 changes, change stream) needs the service token. Every error is JSON:
 ``{"error": ..., "message": ..., "field"?: ...}``.
+
+Nothing big is serialised on the event loop: the snapshot is produced in worker threads, a
+batch at a time, and change pages arrive from the store as JSON text.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+import secrets
+from collections.abc import Awaitable, Callable, Generator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from importlib import resources
@@ -21,13 +25,18 @@ from typing import Any
 
 from aiohttp import web
 
+from authz_service import logs
 from authz_service.contract import ROLE_PATTERN
+from client_registry.db import DatabaseError
+from client_registry.feed import ChangeFeed
 from client_registry.store import (
     ACTIVE,
     SUSPENDED,
     Client,
     ConflictError,
     Key,
+    KeySnapshot,
+    LogState,
     NotFoundError,
     Store,
     identity,
@@ -42,7 +51,10 @@ MAX_EMAIL_LENGTH = 254
 MAX_ROLES = 32
 MAX_KEY_LENGTH = 512
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-_HEARTBEAT_SECONDS = 15.0
+NDJSON = "application/x-ndjson"
+SNAPSHOT_BATCH = 2000  # entries per piece of a snapshot (about 500 KB)
+_WRITE_TIMEOUT = 30.0  # seconds a stream may stall on a client that does not read
+_RETRY_AFTER = (2, 10)  # seconds, spread so that refused followers do not return together
 _STATUS_ERRORS = {
     400: "invalid_request",
     401: "unauthorized",
@@ -58,9 +70,18 @@ _STATUS_ERRORS = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        extra: dict[str, Any] | None = None,
+        retry: bool = False,
+    ) -> None:
+        """``extra``: more members of the error body; ``retry``: send Retry-After."""
         super().__init__(message)
         self.status, self.message, self.field = status, message, field
+        self.extra, self.retry = extra or {}, retry
 
 
 @dataclass(frozen=True)
@@ -68,29 +89,15 @@ class ApiSettings:
     admin_token: str
     service_token: str
     max_grace_seconds: float
-    feed_poll_interval: float
     max_feed_subscribers: int
-
-
-class Feed:
-    """Wakes change-feed streams when this replica writes; others are found by polling."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, within: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), within)
+    max_snapshot_streams: int
+    heartbeat_seconds: float = 15.0
 
 
 class _Api:
-    def __init__(self, store: Store, settings: ApiSettings, feed: Feed) -> None:
+    def __init__(self, store: Store, settings: ApiSettings, feed: ChangeFeed) -> None:
         self.store, self.settings, self.feed = store, settings, feed
-        self.subscribers = asyncio.Semaphore(settings.max_feed_subscribers)
+        self.snapshots = 0
         self.admin = _token_check(settings.admin_token)
         self.service = _token_check(settings.service_token)
 
@@ -181,78 +188,125 @@ class _Api:
             )
         result = await self.store.verify(key)
         if not result.valid or result.client is None:
-            return _json({"valid": False, "reason": result.reason})
+            return _json({"valid": False, "reason": result.reason, "version": result.version})
         return _json(
             {
                 "valid": True,
                 "client": identity(result.client),
                 "valid_until": iso(result.valid_until),
+                "version": result.version,
             }
         )
 
-    async def snapshot(self, request: web.Request) -> web.Response:
+    async def snapshot(self, request: web.Request) -> web.StreamResponse:
         self.service(request)
-        version, keys = await self.store.snapshot()
-        etag = f'"v{version}"'
-        if etag in request.headers.get("If-None-Match", ""):
+        form = _NdjsonForm() if _accepts(request, NDJSON) else _JsonForm()
+        current = (await self.store.log_state()).current
+        etag = f'"v{current}"'
+        if _matches(request.headers.get("If-None-Match"), etag):  # no key is read for a 304
             return web.Response(status=304, headers={"ETag": etag})
-        return _json({"version": version, "keys": keys}, headers={"ETag": etag})
+        if self.snapshots >= self.settings.max_snapshot_streams:
+            raise ApiError(503, "too many snapshots being served at once", retry=True)
+        self.snapshots += 1
+        try:
+            return await self._send_snapshot(request, _SnapshotBody(self.store, form))
+        finally:
+            self.snapshots -= 1
+
+    async def _send_snapshot(self, request: web.Request, body: _SnapshotBody) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        # Every blocking step runs in a worker thread, one at a time (the cursor is not
+        # shareable), and the next piece is produced while the last one is being sent. The
+        # shields keep a step running when the client leaves, so that closing waits for it.
+        pending: asyncio.Future[Any] = loop.run_in_executor(None, body.open)
+        try:
+            version = await asyncio.shield(pending)
+            response = web.StreamResponse(
+                headers={"ETag": f'"v{version}"', "Cache-Control": "no-store"}
+            )
+            response.content_type = body.form.content_type
+            await response.prepare(request)
+            pending = loop.run_in_executor(None, body.next)
+            while (piece := await asyncio.shield(pending)) is not None:
+                pending = loop.run_in_executor(None, body.next)
+                await response.write(piece)
+            await response.write_eof()
+            return response
+        finally:
+            pending.add_done_callback(lambda _: _in_thread(loop, body.close))
 
     async def changes(self, request: web.Request) -> web.Response:
         self.service(request)
+        if "since" not in request.query:  # the cheap way to learn the current version
+            current = (await self.store.log_state()).current
+            return _json({"version": current, "current_version": current, "changes": []})
         since = _int_query(request, "since", default=0, low=0, high=2**62)
         limit = _int_query(request, "limit", default=1000, low=1, high=10_000)
-        current, rows = await self.store.changes_since(since, limit)
-        if since > current:
-            raise ApiError(
-                410, f"version {since} is ahead of this registry ({current}); reload the snapshot"
-            )
-        return _json(
-            {
-                "version": rows[-1][0] if rows else current,
-                "current_version": current,
-                "changes": [{"version": v, **payload} for v, payload in rows],
-            }
+        page = await self.store.changes_since(since, limit)
+        _check_since(since, page.state)
+        last = page.changes[-1][0] if page.changes else page.state.current
+        changes = ", ".join(change for _, change in page.changes)
+        return web.Response(
+            text=f'{{"version": {last}, "current_version": {page.state.current}, '
+            f'"changes": [{changes}]}}',
+            content_type="application/json",
         )
 
     async def change_stream(self, request: web.Request) -> web.StreamResponse:
         self.service(request)
-        since = request.headers.get("Last-Event-ID") or request.query.get("since", "0")
-        if not since.isdigit():
+        since = request.headers.get("Last-Event-ID") or request.query.get("since")
+        if since is not None and not (since.isdigit() and int(since) <= 2**62):
             raise ApiError(400, "since (or Last-Event-ID) must be a change version", "since")
-        if self.subscribers.locked():
-            raise ApiError(503, "too many change-feed subscribers")
-        async with self.subscribers:
+        if self.feed.streams >= self.settings.max_feed_subscribers:
+            raise ApiError(503, "too many change-feed subscribers", retry=True)
+        self.feed.streams += 1
+        try:
+            state = await self.store.log_state()
+            start = state.current if since is None else int(since)
+            _check_since(start, state)
             response = web.StreamResponse(
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
             )
             await response.prepare(request)
-            last, idle = int(since), 0.0
-            await response.write(b": connected\n\n")
-            while True:
-                _, rows = await self.store.changes_since(last, 1000)
-                for version, payload in rows:
-                    data = json.dumps({"version": version, **payload}, sort_keys=True)
-                    await response.write(f"id: {version}\nevent: change\ndata: {data}\n\n".encode())
-                    last, idle = version, 0.0
-                if not rows:
-                    await self.feed.wait(self.settings.feed_poll_interval)
-                    idle += self.settings.feed_poll_interval
-                    if idle >= _HEARTBEAT_SECONDS:
-                        await response.write(b": heartbeat\n\n")
-                        idle = 0.0
+            await self._follow(request, response, start)
+            return response
+        finally:
+            self.feed.streams -= 1
+
+    async def _follow(self, request: web.Request, response: web.StreamResponse, start: int) -> None:
+        """Send the stream until the client leaves (the handler is then cancelled), stops
+        reading, or the stream must end; the client resumes with Last-Event-ID."""
+        ready = json.dumps({"version": start})
+        heartbeat = self.settings.heartbeat_seconds
+        try:
+            await _send(response, f"id: {start}\nevent: ready\ndata: {ready}\n\n".encode())
+            async with contextlib.aclosing(self.feed.follow(start, heartbeat)) as changes:
+                async for data in changes:
+                    await _send(response, data or b": heartbeat\n\n")
+        except (ConnectionError, TimeoutError, DatabaseError) as exc:
+            log.info(
+                "change stream ended",
+                extra={"fields": {"event": "change_stream_ended", "error": type(exc).__name__}},
+            )
+            if request.transport is not None:
+                request.transport.abort()  # nothing more can be sent: do not wait to flush it
 
     async def openapi(self, _: web.Request) -> web.Response:
         text = resources.files("client_registry").joinpath("openapi.yaml").read_text()
         return web.Response(text=text, content_type="application/yaml")
 
     async def healthz(self, _: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        return _json({"status": "ok", "change_feed": self.feed.status()})
 
 
-def build_app(store: Store, settings: ApiSettings, feed: Feed) -> web.Application:
+def build_app(store: Store, settings: ApiSettings, feed: ChangeFeed) -> web.Application:
     api = _Api(store, settings, feed)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors])
+
+    async def end_streams(_: web.Application) -> None:
+        feed.end_streams()  # at shutdown, once no new connection is accepted
+
+    app.on_shutdown.append(end_streams)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/openapi.yaml", api.openapi)
     app.router.add_post("/clients", api.create_client)
@@ -277,11 +331,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return _error(exc.status, exc.message, exc.field)
-    except NotFoundError as exc:
-        return _error(404, str(exc))
-    except ConflictError as exc:
-        return _error(409, str(exc))
+        return _error(exc.status, exc.message, exc.field, exc.extra, exc.retry)
+    except DatabaseError as exc:
+        logs.failure(log, "database unavailable", "database_error", exc, path=request.path)
+        return _error(503, "the registry's database is unavailable", retry=True)
+    except (NotFoundError, ConflictError) as exc:
+        return _error(404 if isinstance(exc, NotFoundError) else 409, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -296,14 +351,26 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error")
 
 
-def _error(status: int, message: str, field: str | None = None) -> web.Response:
+def _error(
+    status: int,
+    message: str,
+    field: str | None = None,
+    extra: dict[str, Any] | None = None,
+    retry: bool = False,
+) -> web.Response:
     body: dict[str, Any] = {
         "error": _STATUS_ERRORS.get(status, "internal_error"),
         "message": message,
+        **(extra or {}),
     }
     if field:
         body["field"] = field
-    headers = {"WWW-Authenticate": 'Bearer realm="client-registry"'} if status == 401 else None
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="client-registry"'
+    if retry:
+        low, high = _RETRY_AFTER
+        headers["Retry-After"] = str(low + secrets.randbelow(high - low + 1))
     return _json(body, status, headers)
 
 
@@ -405,3 +472,115 @@ def _key_json(key: Key) -> dict[str, Any]:
         "expires_at": iso(key.expires_at),
         "revoked_at": iso(key.revoked_at),
     }
+
+
+def _check_since(since: int, state: LogState) -> None:
+    """A follower at ``since`` can continue from the log, or must reload the snapshot (410)."""
+    current = {"current_version": state.current}
+    if since < state.pruned_through:
+        raise ApiError(
+            410,
+            f"the change log no longer reaches back to version {since} (it starts after "
+            f"{state.pruned_through}); reload the snapshot",
+            extra=current,
+        )
+    if since > state.current:
+        raise ApiError(
+            410,
+            f"version {since} is ahead of this registry ({state.current}); reload the snapshot",
+            extra=current,
+        )
+
+
+async def _send(response: web.StreamResponse, data: bytes) -> None:
+    async with asyncio.timeout(_WRITE_TIMEOUT):
+        await response.write(data)
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closing: the process is ending
+        loop.run_in_executor(None, work)
+
+
+def _accepts(request: web.Request, media_type: str) -> bool:
+    """``media_type`` is named in Accept with a weight above zero."""
+    for item in request.headers.get("Accept", "").split(","):
+        kind, *params = (part.strip().lower() for part in item.split(";"))
+        if kind == media_type:
+            weights = [p.removeprefix("q=") for p in params if p.startswith("q=")]
+            return not weights or weights[0].strip("0.") != ""
+    return False
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    if if_none_match is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
+class _NdjsonForm:
+    """One JSON value a line: the version, the entries, then a trailer with their count, so
+    that a truncated stream can be told from a complete one."""
+
+    content_type = NDJSON
+
+    def head(self, version: int) -> str:
+        return json.dumps({"version": version}) + "\n"
+
+    def entries(self, entries: list[str], first: bool) -> str:
+        return "\n".join(entries) + "\n"
+
+    def tail(self, count: int) -> str:
+        return json.dumps({"end": True, "count": count}) + "\n"
+
+
+class _JsonForm:
+    """The original document, ``{"version": N, "keys": [...]}``, written piece by piece."""
+
+    content_type = "application/json"
+
+    def head(self, version: int) -> str:
+        return f'{{"version": {version}, "keys": ['
+
+    def entries(self, entries: list[str], first: bool) -> str:
+        return ("" if first else ", ") + ", ".join(entries)
+
+    def tail(self, count: int) -> str:
+        return "]}"
+
+
+class _SnapshotBody:
+    """The snapshot's bytes, a piece per call. Blocking: every method runs in a worker thread,
+    one call at a time."""
+
+    def __init__(self, store: Store, form: _NdjsonForm | _JsonForm) -> None:
+        self._store, self.form = store, form
+        self._snapshot: KeySnapshot | None = None
+        self._pieces: Generator[bytes] | None = None
+
+    def open(self) -> int:
+        self._snapshot = self._store.open_snapshot()
+        self._pieces = self._produce(self._snapshot)
+        return self._snapshot.version
+
+    def next(self) -> bytes | None:
+        assert self._pieces is not None  # noqa: S101 (open comes first)
+        return next(self._pieces, None)
+
+    def close(self) -> None:
+        try:
+            if self._pieces is not None:
+                with contextlib.suppress(Exception):  # its connection may be broken already
+                    self._pieces.close()
+        finally:
+            if self._snapshot is not None:
+                self._snapshot.close()
+
+    def _produce(self, snapshot: KeySnapshot) -> Generator[bytes]:
+        yield self.form.head(snapshot.version).encode()
+        count = 0
+        for entries in snapshot.entries(SNAPSHOT_BATCH):
+            yield self.form.entries(entries, first=count == 0).encode()
+            count += len(entries)
+        yield self.form.tail(count).encode()

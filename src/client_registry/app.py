@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-from client_registry.api import ApiSettings, Feed, build_app
+from client_registry.api import ApiSettings, build_app
 from client_registry.db import Database
+from client_registry.feed import ChangeFeed, prune_forever
 from client_registry.settings import RegistrySettings
-from client_registry.store import KeyHasher, Store
+from client_registry.store import CHANGES_CHANNEL, KeyHasher, Store
 
 log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL = 60.0  # seconds between prunings of the change log
 
 
 def tokens(settings: RegistrySettings) -> tuple[str, str]:
@@ -49,6 +57,81 @@ def _write_private(path: Path, text: str) -> None:
         handle.write(text)
 
 
+@dataclass(frozen=True)
+class Running:
+    """A registry serving on ``port``, and its parts (for tests and benchmarks)."""
+
+    port: int
+    db: Database
+    store: Store
+    feed: ChangeFeed
+
+
+@contextlib.asynccontextmanager
+async def running(settings: RegistrySettings) -> AsyncIterator[Running]:
+    """Serve ``settings`` until the block ends."""
+    async with contextlib.AsyncExitStack() as stack:
+        # The port comes first: a registry that cannot bind it creates no database and no
+        # tokens file.
+        listener = _bind(settings.address)
+        stack.callback(listener.close)
+        db = Database(settings.database_url, settings.pool_size)
+        stack.push_async_callback(db.aclose)
+        version = await asyncio.to_thread(db.migrate)
+        admin_token, service_token = tokens(settings)
+        notifications = None
+        if db.dialect == "postgresql":
+            notifications = functools.partial(db.notifications, CHANGES_CHANNEL)
+        feed = ChangeFeed(settings.feed_poll_interval, notifications)
+        store = Store(db, KeyHasher(settings.pepper), settings.key_prefix, on_change=feed.wake)
+        await feed.start(store)
+        stack.push_async_callback(feed.close)
+        pruner = asyncio.create_task(
+            prune_forever(
+                store, settings.change_retention, settings.change_max_rows, PRUNE_INTERVAL
+            ),
+            name="change-log-pruner",
+        )
+        stack.push_async_callback(_cancel, pruner)
+        app = build_app(
+            store,
+            ApiSettings(
+                admin_token=admin_token,
+                service_token=service_token,
+                max_grace_seconds=settings.max_grace_seconds,
+                max_feed_subscribers=settings.max_feed_subscribers,
+                max_snapshot_streams=settings.max_snapshot_streams,
+            ),
+            feed,
+        )
+        # handler_cancellation: a change stream whose client has gone ends at once.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=2,
+            handler_cancellation=True,
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await web.SockSite(runner, listener).start()
+        bound = runner.addresses[0][1]
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "event": "serving",
+                    "address": settings.address,
+                    "port": bound,
+                    "database": db.dialect,
+                    "schema_version": version,
+                    "notifications": "listen" if notifications else "poll",
+                }
+            },
+        )
+        yield Running(bound, db, store, feed)
+
+
 async def serve(
     settings: RegistrySettings,
     stop: asyncio.Event | None = None,
@@ -60,44 +143,20 @@ async def serve(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    admin_token, service_token = tokens(settings)
-    db = Database(settings.database_url, settings.pool_size)
-    version = await asyncio.to_thread(db.migrate)
-    feed = Feed()
-    store = Store(db, KeyHasher(settings.pepper), settings.key_prefix, on_change=feed.notify)
-    app = build_app(
-        store,
-        ApiSettings(
-            admin_token=admin_token,
-            service_token=service_token,
-            max_grace_seconds=settings.max_grace_seconds,
-            feed_poll_interval=settings.feed_poll_interval,
-            max_feed_subscribers=settings.max_feed_subscribers,
-        ),
-        feed,
-    )
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2)
-    await runner.setup()
-    host, _, port = settings.address.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
-    await site.start()
-    bound = runner.addresses[0][1]
-    log.info(
-        "serving",
-        extra={
-            "fields": {
-                "event": "serving",
-                "address": settings.address,
-                "port": bound,
-                "database": db.dialect,
-                "schema_version": version,
-            }
-        },
-    )
-    if port_ready is not None:
-        port_ready.set_result(bound)
-    try:
+    async with running(settings) as registry:
+        if port_ready is not None:
+            port_ready.set_result(registry.port)
         await stop.wait()
-    finally:
-        await runner.cleanup()
-        db.close()
+
+
+def _bind(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, int(port)), family=family, backlog=1024)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

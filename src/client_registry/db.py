@@ -2,8 +2,11 @@
 replicas on one database), with versioned migrations.
 
 Operations are plain functions over a ``Tx``, run in a worker thread inside one transaction: they
-commit together or not at all, so a crash never leaves half a change acknowledged. SQL is written
-once, with ``%s`` placeholders, and adapted for SQLite.
+commit together or not at all, so a crash never leaves half a change acknowledged. A read that is
+one statement runs without a transaction (one round trip; a statement sees one snapshot by
+itself), on the event loop for PostgreSQL. Long reads (the snapshot) get a connection of their
+own and a read-only snapshot of the whole database. SQL is written once, with ``%s``
+placeholders, and adapted for SQLite.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import contextlib
 import queue
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 Dialect = Literal["sqlite", "postgresql"]
+Row = tuple[Any, ...]
 
 
 class DatabaseError(RuntimeError):
@@ -36,17 +40,51 @@ class Tx:
         self._cursor.execute(self._adapt(sql), tuple(params))
         return int(self._cursor.rowcount)
 
-    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         self._cursor.execute(self._adapt(sql), tuple(params))
         row = self._cursor.fetchone()
         return None if row is None else tuple(row)
 
-    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self._cursor.execute(self._adapt(sql), tuple(params))
         return [tuple(row) for row in self._cursor.fetchall()]
 
+    def notify(self, channel: str, payload: str) -> None:
+        """Tell other processes listening on ``channel``, at commit (PostgreSQL only: SQLite has
+        no such channel, and its followers poll)."""
+        if self.dialect == "postgresql":
+            self._cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
     def _adapt(self, sql: str) -> str:
         return sql.replace("%s", "?") if self.dialect == "sqlite" else sql
+
+
+class Snapshot(Tx):
+    """A read-only view of the whole database as of one moment, on a connection of its own, for
+    reads too long to hold a pooled connection. Blocking: use it from a worker thread."""
+
+    def __init__(self, connection: Any, dialect: Dialect) -> None:
+        super().__init__(connection.cursor(), dialect)
+        self._connection = connection
+
+    def batches(self, sql: str, params: Sequence[Any], size: int) -> Iterator[list[Row]]:
+        """The rows of one query, ``size`` at a time, from a server-side cursor (PostgreSQL), so
+        that no more than a batch is ever held in memory."""
+        if self.dialect == "postgresql":
+            cursor = self._connection.cursor(name="snapshot")
+        else:
+            cursor = self._connection.cursor()
+        try:
+            cursor.execute(self._adapt(sql), tuple(params))
+            while rows := cursor.fetchmany(size):
+                yield [tuple(row) for row in rows]
+        finally:
+            cursor.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # the transaction only read: nothing to keep
+            self._cursor.execute("ROLLBACK")
+        _close_quietly(self._connection)
 
 
 # Versioned schema migrations, applied in order and recorded in schema_migrations. Never edit a
@@ -84,6 +122,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
     """,
     ),
+    (
+        # The change log is pruned; what was pruned is remembered, so that the current version
+        # survives an empty log and a follower from before the cut is told to resync. Pruning
+        # walks the log in version order (by age too), so the primary key serves it.
+        2,
+        """
+        CREATE TABLE change_log_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            pruned_through BIGINT NOT NULL
+        );
+        INSERT INTO change_log_state (id, pruned_through) VALUES (1, 0)
+    """,
+    ),
 ]
 
 
@@ -95,27 +146,107 @@ class Database:
         self._timeout = timeout
         size = 1 if self.dialect == "sqlite" else pool_size  # SQLite has a single writer anyway
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue(maxsize=size)
+        self._idle_async: asyncio.LifoQueue[Any] = asyncio.LifoQueue(maxsize=size)
         for _ in range(size):
             self._idle.put(None)  # connections are opened on first use
+            self._idle_async.put_nowait(None)
 
-    async def run(self, operation: Callable[[Tx], T], write: bool = False) -> T:
-        return await asyncio.to_thread(self.run_sync, operation, write)
+    async def run(
+        self,
+        operation: Callable[[Tx], T],
+        write: bool = False,
+        committed: Callable[[], None] | None = None,
+    ) -> T:
+        """Run ``operation`` in one transaction in a worker thread. ``committed`` is then called
+        in that thread, even if the caller was cancelled meanwhile (the write happened)."""
+        return await asyncio.to_thread(self.run_sync, operation, write, committed)
 
-    def run_sync(self, operation: Callable[[Tx], T], write: bool = False) -> T:
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """The rows of one statement, without a transaction around it: one round trip, and
+        still a consistent read, since a statement sees one snapshot by itself. PostgreSQL
+        answers it on the event loop (the hot path, verification, skips the hop to a thread
+        and back); SQLite in a worker thread."""
+        if self.dialect == "sqlite":
+            return await asyncio.to_thread(self.run_sync, lambda tx: tx.all(sql, params), None)
+        # A caller that gives up (its client left) does not cut the query short, so the
+        # connection goes back to the pool in a known state.
+        task = asyncio.ensure_future(self._query(sql, params))
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                connection = await self._idle_async.get()
+        except TimeoutError:
+            raise DatabaseError("no database connection free within the timeout") from None
+        try:
+            connection = connection or await self._connect_async()
+            cursor = await connection.execute(sql, tuple(params))
+            return [tuple(row) for row in await cursor.fetchall()]
+        except Exception:
+            await _close_quietly_async(connection)
+            connection = None  # a failed connection is replaced on next use
+            raise
+        finally:
+            self._idle_async.put_nowait(connection)
+
+    def run_sync(
+        self,
+        operation: Callable[[Tx], T],
+        write: bool | None = False,
+        committed: Callable[[], None] | None = None,
+    ) -> T:
+        """``write`` None: a single statement without a transaction (see ``read``)."""
         try:
             connection = self._idle.get(timeout=self._timeout)
         except queue.Empty:
             raise DatabaseError("no database connection free within the timeout") from None
         try:
             connection = connection or self._connect()
-            result = self._transaction(connection, operation, write)
+            if write is None:
+                result = self._statement(connection, operation)
+            else:
+                result = self._transaction(connection, operation, write)
         except Exception:
             _close_quietly(connection)
             connection = None  # a failed connection is replaced on next use
             raise
         finally:
             self._idle.put(connection)
+        if committed is not None:
+            committed()
         return result
+
+    def snapshot(self) -> Snapshot:
+        """Open a read-only snapshot on a new connection (blocking); the caller closes it."""
+        connection = self._connect()
+        try:
+            cursor = connection.cursor()
+            if self.dialect == "postgresql":
+                cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                # Compiling a long read's plan costs more at its start than it saves.
+                cursor.execute("SET LOCAL jit = off")
+            else:
+                cursor.execute("BEGIN")  # SQLite's snapshot starts at the first read
+            cursor.close()
+        except Exception:
+            _close_quietly(connection)
+            raise
+        return Snapshot(connection, self.dialect)
+
+    @contextlib.asynccontextmanager
+    async def notifications(self, channel: str) -> AsyncIterator[AsyncIterator[str]]:
+        """Listen on ``channel`` (PostgreSQL) on a connection of its own, on the event loop; the
+        iterator yields each payload and raises when the connection fails."""
+        if self.dialect != "postgresql":
+            raise DatabaseError("only PostgreSQL has notifications")
+        connection = await self._connect_async()
+        try:
+            await connection.execute(f'LISTEN "{channel}"')
+            yield (notify.payload async for notify in connection.notifies())
+        finally:
+            await connection.close()
 
     def migrate(self) -> int:
         """Apply pending migrations; return the schema version."""
@@ -150,6 +281,11 @@ class Database:
         while not self._idle.empty():
             _close_quietly(self._idle.get_nowait())
 
+    async def aclose(self) -> None:
+        self.close()
+        while not self._idle_async.empty():
+            await _close_quietly_async(self._idle_async.get_nowait())
+
     def _connect(self) -> Any:
         try:
             return self._open()
@@ -157,6 +293,27 @@ class Database:
             raise
         except Exception as exc:  # the driver's own error types differ; the message is the point
             raise DatabaseError(f"cannot open the {self.dialect} database: {exc}") from exc
+
+    async def _connect_async(self) -> Any:
+        import psycopg  # noqa: PLC0415 (PostgreSQL is optional; _connect has said so)
+
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self._target, autocommit=True, **self._connect_options()
+            )
+        except Exception as exc:
+            raise DatabaseError(f"cannot open the {self.dialect} database: {exc}") from exc
+
+    def _connect_options(self) -> dict[str, Any]:
+        # Keepalives find a connection whose peer vanished without a reset (a listener would
+        # otherwise wait forever on a dead socket).
+        return {
+            "connect_timeout": max(1, int(self._timeout)),
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
 
     def _open(self) -> Any:
         if self.dialect == "sqlite":
@@ -174,7 +331,16 @@ class Database:
                 "a postgresql:// database needs the postgresql extra: "
                 "pip install 'authz-service[postgresql]'"
             ) from None
-        return psycopg.connect(self._target, connect_timeout=max(1, int(self._timeout)))
+        # Autocommit, so that a single-statement read is one round trip; transactions are
+        # explicit (BEGIN ... COMMIT) for both dialects.
+        return psycopg.connect(self._target, autocommit=True, **self._connect_options())
+
+    def _statement(self, connection: Any, operation: Callable[[Tx], T]) -> T:
+        cursor = connection.cursor()
+        try:
+            return operation(Tx(cursor, self.dialect))
+        finally:
+            cursor.close()
 
     def _transaction(self, connection: Any, operation: Callable[[Tx], T], write: bool) -> T:
         cursor = connection.cursor()
@@ -182,18 +348,17 @@ class Database:
             if self.dialect == "sqlite":
                 # IMMEDIATE takes the write lock up front, so writers queue instead of failing.
                 cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            elif write:
-                # Writers take turns on the change log, so change versions become visible in
-                # the order they were numbered and a reader following it never skips one.
-                cursor.execute("LOCK TABLE changes IN SHARE ROW EXCLUSIVE MODE")
-            result = operation(Tx(cursor, self.dialect))
-            connection.commit() if self.dialect == "postgresql" else cursor.execute("COMMIT")
-        except BaseException:
-            if self.dialect == "sqlite":
-                if connection.in_transaction:
-                    cursor.execute("ROLLBACK")
             else:
-                connection.rollback()
+                cursor.execute("BEGIN")
+                if write:
+                    # Writers take turns on the change log, so change versions become visible
+                    # in the order they were numbered and a reader following it never skips one.
+                    cursor.execute("LOCK TABLE changes IN SHARE ROW EXCLUSIVE MODE")
+            result = operation(Tx(cursor, self.dialect))
+            cursor.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):  # a broken connection is dropped by the caller
+                cursor.execute("ROLLBACK")
             raise
         else:
             return result
@@ -219,3 +384,15 @@ def _close_quietly(connection: Any) -> None:
     if connection is not None:
         with contextlib.suppress(Exception):  # closing a broken connection may fail too
             connection.close()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a shielded query's outcome as seen: the caller who wanted it may have left."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _close_quietly_async(connection: Any) -> None:
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await connection.close()

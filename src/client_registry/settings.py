@@ -53,14 +53,40 @@ class RegistrySettings:
         "longest grace period an old key may keep working after regeneration",
         between(0, 30 * 86400),
     )
-    pool_size: int = setting(4, "database connections (PostgreSQL)", between(1, 64))
+    pool_size: int = setting(
+        4,
+        "database connections (PostgreSQL) for single-statement reads (verification, the change "
+        "log), and as many for transactions",
+        between(1, 64),
+    )
     feed_poll_interval: float = setting(
         0.2,
-        "seconds between change-log polls of each change-feed stream (other replicas' "
-        "writes); this replica's own writes are sent at once",
+        "seconds between polls of the change log by this process's one reader when no "
+        "notification channel is up (SQLite, or PostgreSQL's LISTEN connection lost); this "
+        "process's own writes, and other replicas' through LISTEN/NOTIFY, are sent at once",
         between(0.01, 10),
     )
     max_feed_subscribers: int = setting(
-        100, "change-feed streams served at once", between(1, 10_000)
+        1000,
+        "change-feed streams served at once; more are refused with 503 and Retry-After",
+        between(1, 100_000),
+    )
+    max_snapshot_streams: int = setting(
+        4,
+        "snapshots served at once (each holds a database connection of its own); more are "
+        "refused with 503 and Retry-After",
+        between(1, 64),
+    )
+    change_retention: float = setting(
+        86400.0,
+        "seconds the change log keeps a change (0: no age limit); a follower further behind "
+        "gets 410 and reloads the snapshot",
+        between(0, 365 * 86400),
+    )
+    change_max_rows: int = setting(
+        100_000,
+        "changes the change log keeps at most (0: no limit); a follower further behind gets "
+        "410 and reloads the snapshot",
+        between(0, 10**9),
     )
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "log level")

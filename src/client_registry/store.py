@@ -1,6 +1,11 @@
 """The registry's operations. Each runs in one transaction and appends what it changed about
 valid keys to the change log, which feeds the snapshot's delta form and the change feed.
 
+Every read that answers a follower says which change-log version it reflects, read in the same
+database snapshot as the rows themselves: a follower can then tell an answer from before a change
+from one after it. The log is pruned; ``change_log_state`` remembers how far, so the current
+version never goes back, even when the log is empty.
+
 Keys are stored only as hashes (SHA-256, or HMAC-SHA256 with a server-side pepper). The plaintext
 is returned once, by the operation that creates it.
 """
@@ -12,16 +17,28 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from authz_service import apikeys
-from client_registry.db import Database, Tx
+from client_registry.db import Database, Snapshot, Tx
 
 T = TypeVar("T")
 ACTIVE, SUSPENDED = "active", "suspended"
+CHANGES_CHANNEL = "client_registry_changes"  # PostgreSQL NOTIFY channel: "a change was logged"
+DeleteReason = Literal["revoked", "expired", "suspended", "deleted"]
 _CLIENT_COLUMNS = "client_id, name, email, roles, status, created_at, updated_at"
+# The current version: the newest change, or where pruning stopped if the log is empty. Needs
+# change_log_state as ``s`` in the FROM clause.
+_VERSION = "COALESCE((SELECT MAX(version) FROM changes), s.pruned_through)"
+_VERIFY = (
+    f"SELECT {_VERSION}, k.key_hash, k.expires_at, k.revoked_at, "
+    f"{', '.join('c.' + c.strip() for c in _CLIENT_COLUMNS.split(','))} "
+    "FROM change_log_state s LEFT JOIN api_keys k ON k.key_hash = %s "
+    "LEFT JOIN clients c ON c.client_id = k.client_id"
+)
+_PRUNE_BATCH = 5000  # rows per pruning transaction, so writers never wait long behind one
 
 
 class NotFoundError(LookupError):
@@ -55,10 +72,66 @@ class Key:
 
 @dataclass(frozen=True, slots=True)
 class Verification:
+    version: int  # the change-log version this answer reflects
     valid: bool
     reason: str | None = None  # unknown, revoked, suspended, expired
     client: Client | None = None
     valid_until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogState:
+    pruned_through: int  # changes up to this version are gone from the log
+    current: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePage:
+    state: LogState
+    changes: list[tuple[int, str]]  # (version, the change as JSON text), in version order
+
+
+class KeySnapshot:
+    """Every key that validates now, with its client, read in one database snapshot: ``version``
+    is the change-log version it reflects. Blocking: use it from a worker thread, then close it."""
+
+    def __init__(self, snapshot: Snapshot, now: float) -> None:
+        self._snapshot, self._now = snapshot, now
+        self.version = int(_present(snapshot.one(f"SELECT {_VERSION} FROM change_log_state s"))[0])
+
+    def entries(self, size: int) -> Iterator[list[str]]:
+        """The entries as JSON text, ``size`` at a time, a client's keys next to each other."""
+        # In client order, a merge join of two index scans starts at once and streams (key
+        # order would cost a random read per key); and a client is serialised once, not per key.
+        rows = self._snapshot.batches(
+            "SELECT k.key_hash, k.key_id, k.expires_at, k.revoked_at, c.client_id, c.name, "
+            "c.roles FROM api_keys k JOIN clients c ON c.client_id = k.client_id "
+            "WHERE c.status = %s AND (k.revoked_at IS NULL OR k.revoked_at > %s) "
+            "AND (k.expires_at IS NULL OR k.expires_at > %s) ORDER BY c.client_id",
+            (ACTIVE, self._now, self._now),
+            size,
+        )
+        dumps = json.dumps
+        last_client, client = "", ""
+        for batch in rows:
+            entries = []
+            for key_hash, kid, expires_at, revoked_at, client_id, name, roles in batch:
+                if client_id != last_client:
+                    # roles is stored as a JSON list already.
+                    last_client, client = (
+                        client_id,
+                        f'{{"client_id": {dumps(client_id)}, "client_name": {dumps(name)}, '
+                        f'"roles": {roles}, "status": "{ACTIVE}"}}',
+                    )
+                entries.append(
+                    f'{{"key_hash": {dumps(key_hash)}, "key_id": {dumps(kid)}, "valid_until": '
+                    f"{dumps(iso(_earliest(expires_at, revoked_at)))}, "
+                    f'"client": {client}}}'
+                )
+            yield entries
+
+    def close(self) -> None:
+        self._snapshot.close()
 
 
 class KeyHasher:
@@ -179,7 +252,7 @@ class Store:
             hashes = self._valid_key_hashes(tx, client_id)
             tx.execute("DELETE FROM api_keys WHERE client_id = %s", (client_id,))
             tx.execute("DELETE FROM clients WHERE client_id = %s", (client_id,))
-            self._log(tx, [_deleted(h, client_id) for h, _ in hashes])
+            self._log(tx, [_deleted(h, client_id, "deleted") for h, _ in hashes])
 
         await self._write(delete)
 
@@ -196,7 +269,7 @@ class Store:
                 tx.execute(
                     "UPDATE api_keys SET revoked_at = %s WHERE key_hash = %s", (now, key_hash)
                 )
-            self._log(tx, [_deleted(h, client_id) for h, _ in hashes])
+            self._log(tx, [_deleted(h, client_id, "revoked") for h, _ in hashes])
 
         await self._write(revoke)
 
@@ -216,74 +289,106 @@ class Store:
             if grace > 0:
                 self._log_keys(tx, client, old)
             else:
-                self._log(tx, [_deleted(h, client_id) for h, _ in old])
+                self._log(tx, [_deleted(h, client_id, "revoked") for h, _ in old])
             return self._add_key(tx, client, key, now)
 
         return key, await self._write(regenerate)
 
     # --- verification --------------------------------------------------------------------------
     async def verify(self, key: str) -> Verification:
-        key_hash = self._hash(key)
+        # One statement, so that the version and the rows come from one snapshot of the database.
+        rows = await self._db.query(_VERIFY, (self._hash(key),))
+        row = _present(rows[0] if rows else None)
+        version, found, expires_at, revoked_at = int(row[0]), row[1], row[2], row[3]
+        if found is None:
+            return Verification(version, valid=False, reason="unknown")
+        now = self._clock()
+        if revoked_at is not None and revoked_at <= now:
+            return Verification(version, valid=False, reason="revoked")
+        if expires_at is not None and expires_at <= now:
+            return Verification(version, valid=False, reason="expired")
+        client = _client(row[4:])
+        if client.status != ACTIVE:
+            return Verification(version, valid=False, reason="suspended")
+        return Verification(
+            version, valid=True, client=client, valid_until=_earliest(expires_at, revoked_at)
+        )
 
-        def verify(tx: Tx) -> Verification:
-            row = tx.one(
-                "SELECT expires_at, revoked_at, client_id FROM api_keys WHERE key_hash = %s",
-                (key_hash,),
-            )
-            if row is None:
-                return Verification(valid=False, reason="unknown")
-            expires_at, revoked_at, client_id = row
-            now = self._clock()
-            if revoked_at is not None and revoked_at <= now:
-                return Verification(valid=False, reason="revoked")
-            if expires_at is not None and expires_at <= now:
-                return Verification(valid=False, reason="expired")
-            client = _get_client(tx, client_id)
-            if client.status != ACTIVE:
-                return Verification(valid=False, reason="suspended")
-            return Verification(
-                valid=True, client=client, valid_until=_earliest(expires_at, revoked_at)
-            )
+    def open_snapshot(self) -> KeySnapshot:
+        """Blocking (a worker thread's job): a consistent snapshot of every valid key."""
+        snapshot = self._db.snapshot()
+        try:
+            return KeySnapshot(snapshot, self._clock())
+        except BaseException:
+            snapshot.close()
+            raise
 
-        return await self._db.run(verify)
+    async def log_state(self) -> LogState:
+        return (await self.changes_since(None, 1)).state
 
-    async def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
-        """Every key that validates now, with its client, and the change-log version it reflects."""
+    async def changes_since(self, version: int | None, limit: int) -> ChangePage:
+        """Changes after ``version`` (at most ``limit``; none for None), with the log's state as
+        of the same snapshot."""
+        rows = await self._db.query(
+            f"SELECT s.pruned_through, {_VERSION}, c.version, c.payload "
+            "FROM change_log_state s LEFT JOIN (SELECT version, payload FROM changes "
+            "WHERE version > %s ORDER BY version LIMIT %s) c ON 1 = 1 ORDER BY c.version",
+            (-1 if version is None else version, 0 if version is None else limit),
+        )
+        first = _present(rows[0] if rows else None)
+        return ChangePage(
+            LogState(int(first[0]), int(first[1])),
+            [(int(v), _with_version(int(v), p)) for _, _, v, p in rows if v is not None],
+        )
 
-        def snapshot(tx: Tx) -> tuple[int, list[dict[str, Any]]]:
-            version = _version(tx)
-            now = self._clock()
-            rows = tx.all(
-                f"SELECT k.key_hash, k.key_id, k.expires_at, k.revoked_at, "
-                f"{', '.join('c.' + c.strip() for c in _CLIENT_COLUMNS.split(','))} "
-                "FROM api_keys k JOIN clients c ON c.client_id = k.client_id "
-                "WHERE c.status = %s AND (k.revoked_at IS NULL OR k.revoked_at > %s) "
-                "AND (k.expires_at IS NULL OR k.expires_at > %s) ORDER BY k.key_hash",
-                (ACTIVE, now, now),
-            )
-            return version, [
-                _entry(row[0], row[1], _earliest(row[2], row[3]), _client(row[4:])) for row in rows
-            ]
+    async def prune(self, retention: float, max_rows: int) -> int:
+        """Drop changes older than ``retention`` seconds and beyond the newest ``max_rows`` (0:
+        no limit of that kind); return how many were dropped. Followers from before the cut
+        get 410 and reload the snapshot."""
+        now = self._clock()
 
-        return await self._db.run(snapshot)
+        def target(tx: Tx) -> tuple[int, int]:
+            row = _present(tx.one(f"SELECT s.pruned_through, {_VERSION} FROM change_log_state s"))
+            pruned, cut = int(row[0]), int(row[0])
+            if max_rows:
+                newest_dropped = tx.one(
+                    "SELECT version FROM changes ORDER BY version DESC LIMIT 1 OFFSET %s",
+                    (max_rows,),
+                )
+                cut = max(cut, int(newest_dropped[0])) if newest_dropped else cut
+            if retention:
+                # The first change young enough to keep, walking the log in version order:
+                # only the rows to be dropped are visited on the way.
+                kept = tx.one(
+                    "SELECT version FROM changes WHERE version > %s AND at >= %s "
+                    "ORDER BY version LIMIT 1",
+                    (cut, now - retention),
+                )
+                cut = int(kept[0]) - 1 if kept else int(row[1])
+            return pruned, cut
 
-    async def changes_since(self, version: int, limit: int) -> tuple[int, list[tuple[int, Any]]]:
-        """Changes after ``version`` (at most ``limit``), and the current version."""
+        pruned, cut = await self._db.run(target)
+        dropped = 0
+        while pruned < cut:
+            upto = min(cut, pruned + _PRUNE_BATCH)
 
-        def changes(tx: Tx) -> tuple[int, list[tuple[int, Any]]]:
-            rows = tx.all(
-                "SELECT version, payload FROM changes WHERE version > %s ORDER BY version LIMIT %s",
-                (version, limit),
-            )
-            return _version(tx), [(int(v), json.loads(p)) for v, p in rows]
+            def drop(tx: Tx, upto: int = upto) -> int:
+                count = tx.execute("DELETE FROM changes WHERE version <= %s", (upto,))
+                tx.execute(
+                    "UPDATE change_log_state SET pruned_through = %s WHERE pruned_through < %s",
+                    (upto, upto),
+                )
+                return count
 
-        return await self._db.run(changes)
+            dropped += await self._db.run(drop, write=True)
+            pruned = upto
+        return dropped
 
     # --- helpers -------------------------------------------------------------------------------
     async def _write(self, operation: Callable[[Tx], T]) -> T:
-        result = await self._db.run(operation, write=True)
-        self._on_change()  # wake change-feed streams now rather than at their next poll
-        return result
+        # on_change runs in the worker thread right after the commit, so change streams wake
+        # now rather than at their next poll, even if the request was abandoned meanwhile.
+        return await self._db.run(operation, write=True, committed=self._on_change)
 
     def _add_key(self, tx: Tx, client: Client, key: str, now: float) -> Key:
         key_hash = self._hash(key)
@@ -322,16 +427,20 @@ class Store:
                     }
                 )
             else:
-                payloads.append(_deleted(key_hash, client.client_id))
+                reason: DeleteReason = "deleted" if row is None else "suspended"
+                payloads.append(_deleted(key_hash, client.client_id, reason))
         self._log(tx, payloads)
 
     def _log(self, tx: Tx, payloads: list[dict[str, Any]]) -> None:
         now = self._clock()
+        last = None
         for payload in payloads:
-            tx.execute(
-                "INSERT INTO changes (at, payload) VALUES (%s, %s)",
+            last = tx.one(
+                "INSERT INTO changes (at, payload) VALUES (%s, %s) RETURNING version",
                 (now, json.dumps(payload, sort_keys=True)),
             )
+        if last is not None:  # other registry processes read the log when this commits
+            tx.notify(CHANGES_CHANNEL, str(last[0]))
 
 
 def _get_client(tx: Tx, client_id: str) -> Client:
@@ -346,13 +455,21 @@ def _client(row: Sequence[Any]) -> Client:
     return Client(client_id, name, email, tuple(json.loads(roles)), status, created_at, updated_at)
 
 
-def _version(tx: Tx) -> int:
-    row = tx.one("SELECT MAX(version) FROM changes")
-    return int(row[0]) if row and row[0] is not None else 0
+def _with_version(version: int, payload: str) -> str:
+    """A logged change as the feed shows it: its payload (a JSON object) with its version. Text
+    is spliced rather than parsed and dumped again: pages of thousands are sent this way."""
+    rest = payload.strip()[1:].lstrip()
+    return f'{{"version": {version}' + (", " + rest if rest != "}" else "}")
 
 
-def _deleted(key_hash: str, client_id: str) -> dict[str, Any]:
-    return {"op": "delete", "key_hash": key_hash, "client_id": client_id}
+def _present(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    if row is None:  # migration 2 inserts the one row; it is never deleted
+        raise RuntimeError("change_log_state has no row: the registry's schema is damaged")
+    return row
+
+
+def _deleted(key_hash: str, client_id: str, reason: DeleteReason) -> dict[str, Any]:
+    return {"op": "delete", "key_hash": key_hash, "client_id": client_id, "reason": reason}
 
 
 def _earliest(*times: float | None) -> float | None:

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,8 +35,9 @@ def _as_postgres() -> list[str]:
 
 
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """Yield an admin URL (without a database name) of a running server."""
+def postgres_server(settings: Sequence[str] = ()) -> Iterator[str]:
+    """Yield an admin URL (without a database name) of a running server; ``settings`` are
+    more ``name=value`` server settings (a private server only)."""
     if os.environ.get(USER_ENV):
         yield os.environ[USER_ENV].rstrip("/")
         return
@@ -77,7 +78,10 @@ def postgres_server() -> Iterator[str]:
             "-l",
             str(root / "log"),
             "-o",
-            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off",
+            " ".join(
+                [f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"]
+                + [f"-c {setting}" for setting in settings]
+            ),
             "start",
         ],
         check=True,
