@@ -95,27 +95,34 @@ class UpstreamRecord:
     status: int
     request_bytes: int
     response_bytes: int
+    key_id: str | None = None  # the key our Check allowed, from the same metadata
 
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 HTTP_CLIENT_ID_METADATA = "x-authz-client-id"
+HTTP_KEY_ID_METADATA = "x-authz-key-id"
+# Envoy's RateLimitUnit names, as RateLimit.Override.DynamicMetadata parses them.
+_ENVOY_RATE_UNITS = {"second": "SECOND", "minute": "MINUTE", "hour": "HOUR", "day": "DAY"}
 
 
 def decode_access_logs(
     message: StreamAccessLogsMessage, client_header: str | None
 ) -> list[UpstreamRecord]:
-    """The HTTP entries of one access-log message. The client is the one our Check put in the
-    dynamic metadata, or, with ``client_header``, the identity header we set upstream."""
+    """The HTTP entries of one access-log message. The client and key are the ones our Check
+    put in the dynamic metadata, or, with ``client_header``, the client is the identity
+    header we set upstream (and the key unknown)."""
     records = []
     for entry in message.http_logs.log_entry:
-        client_id = None
+        client_id = key_id = None
         metadata = entry.common_properties.metadata.filter_metadata
         if EXT_AUTHZ_NAMESPACE in metadata:
             fields = metadata[EXT_AUTHZ_NAMESPACE].fields
-            # gRPC mode: our dynamic_metadata; HTTP mode: our answer header, which Envoy's
-            # dynamic_metadata_from_headers stores under its own name.
+            # gRPC mode: our dynamic_metadata; HTTP mode: our answer headers, which Envoy's
+            # dynamic_metadata_from_headers stores under their own names.
             value = fields.get("client_id") or fields.get(HTTP_CLIENT_ID_METADATA)
             client_id = value.string_value if value is not None else None
+            value = fields.get("key_id") or fields.get(HTTP_KEY_ID_METADATA)
+            key_id = value.string_value if value is not None else None
         if client_id is None and client_header:
             client_id = entry.request.request_headers.get(client_header)
         request, response = entry.request, entry.response
@@ -125,6 +132,7 @@ def decode_access_logs(
                 status=response.response_code.value,
                 request_bytes=request.request_body_bytes,
                 response_bytes=response.response_body_bytes,
+                key_id=key_id or None,
             )
         )
     return records
@@ -132,14 +140,18 @@ def decode_access_logs(
 
 class Encoder:
     """Builds CheckResponses, each at most once per client and key (allows) or per reason and
-    rule (denials)."""
+    rule (denials). A rate-limited client's answers carry its quota, which changes with every
+    check: they are a copy of the cached answer, with the RateLimit headers added (on an
+    allow only with ``quota_headers_on_allow``)."""
 
-    def __init__(self, settings: AnswerSettings) -> None:
+    def __init__(self, settings: AnswerSettings, quota_headers_on_allow: bool = True) -> None:
         self._settings = settings
+        self._quota_on_allow = quota_headers_on_allow
         self._denials: dict[tuple[Reason, str | None], CheckResponse] = {}
         self._allows: dict[tuple[Client | None, str | None], CheckResponse] = {}
 
     def encode(self, decision: Decision) -> CheckResponse:
+        quota = decision.quota
         if not decision.allowed:
             key = (decision.reason, decision.rule)
             denial = self._denials.get(key)
@@ -147,6 +159,8 @@ class Encoder:
                 if len(self._denials) >= _MAX_CACHED_DENIALS:
                     self._denials.clear()
                 denial = self._denials[key] = self._build_denial(*key)
+            if quota is not None:
+                denial = _with_headers(denial, answers.quota_headers(quota, limited=True))
             return denial
         allow_key = (decision.client, decision.key_id)
         response = self._allows.get(allow_key)
@@ -154,6 +168,8 @@ class Encoder:
             if len(self._allows) >= _MAX_CACHED_ALLOWS:
                 self._allows.clear()
             response = self._allows[allow_key] = self._build_allow(*allow_key)
+        if quota is not None and self._quota_on_allow:
+            response = _with_headers(response, answers.quota_headers(quota, limited=False))
         return response
 
     def _build_allow(self, client: Client | None, key_id: str | None) -> CheckResponse:
@@ -166,9 +182,19 @@ class Encoder:
         )
         ok.headers_to_remove.extend(remove)
         if client is not None:
-            metadata = {"client_id": client.client_id, "client_name": client.name}
+            metadata: dict[str, object] = {
+                "client_id": client.client_id,
+                "client_name": client.name,
+            }
             if key_id is not None:
                 metadata["key_id"] = key_id
+            if client.rate_limit is not None:
+                # The shape of Envoy's RateLimit.Override.DynamicMetadata, for operators who
+                # enforce the limit in Envoy's global rate-limit service instead.
+                metadata["rate_limit"] = {
+                    "requests_per_unit": client.rate_limit.requests_per_unit,
+                    "unit": _ENVOY_RATE_UNITS[client.rate_limit.unit],
+                }
             response.dynamic_metadata.update(metadata)
         return response
 
@@ -186,3 +212,16 @@ class Encoder:
         )
         denied.body = body
         return response
+
+
+def _with_headers(cached: CheckResponse, headers: answers.Headers) -> CheckResponse:
+    """A copy of a cached answer with headers for the client: on an allow, added to Envoy's
+    response to the client (``response_headers_to_add``); on a deny, to the deny."""
+    response = CheckResponse()
+    response.CopyFrom(cached)
+    options = (HeaderValueOption(header=HeaderValue(key=k, value=v)) for k, v in headers)
+    if response.HasField("denied_response"):
+        response.denied_response.headers.extend(options)
+    else:
+        response.ok_response.response_headers_to_add.extend(options)
+    return response

@@ -30,6 +30,7 @@ DENY_HEADERS = [
     "ratelimit",
     "ratelimit-policy",
 ]
+SUCCESS_HEADERS = ["ratelimit", "ratelimit-policy"]  # a rate-limited client's quota, on allows
 METADATA_HEADERS = ["x-authz-client-id", "x-authz-client-name", "x-authz-key-id"]
 ROUTE_HEADERS = {
     "x-authz-route-required-roles": "billing,admin",
@@ -162,6 +163,7 @@ def test_http_answers_pass_identity_upstream_deny_headers_to_clients_and_metadat
     response = http_service(http_sample())["authorization_response"]
     assert exact(response["allowed_upstream_headers"]) == IDENTITY
     assert exact(response["allowed_client_headers"]) == DENY_HEADERS
+    assert exact(response["allowed_client_headers_on_success"]) == SUCCESS_HEADERS
     assert exact(response["dynamic_metadata_from_headers"]) == METADATA_HEADERS
 
 

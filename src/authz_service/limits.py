@@ -1,0 +1,257 @@
+"""Per-client rate limits: a token bucket per client, applied once a check is allowed.
+
+A client with ``rate_limit: {requests_per_unit: N, unit: U}`` has a bucket of N requests that
+refills at N per U. Each allowed check takes one; a check that finds less than one is denied
+429 ``rate_limited``. The bucket's parameters come from the client of each decision, so a
+changed limit (a change-feed event, a reloaded keys file) applies from the next check on, with
+no TTL to wait for: what the client has used stays used, against the new quota.
+
+- **Shared** (``AUTHZ_REDIS_URL``): every replica takes from the same bucket in Redis, with one
+  atomic Lua script per check, on Redis's clock. Any Redis trouble (an error, a timeout of
+  ``AUTHZ_REDIS_TIMEOUT``, the circuit breaker open) falls back to the local bucket: a check is
+  never denied because of Redis.
+- **Local** (no Redis, or while it is down): each replica keeps its own buckets, so N replicas
+  admit up to N times the limit. They are bounded in number; a bucket that has refilled is the
+  same as none, so those are dropped first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from authz_service import logs
+from authz_service.breaker import CircuitBreaker, State
+from authz_service.contract import RATE_UNITS
+from authz_service.model import Decision, Quota, RateLimit
+from authz_service.reasons import Reason
+
+log = logging.getLogger(__name__)
+
+MAX_BUCKETS = 100_000  # clients with a local bucket at once
+_KEEP_AFTER_SWEEP = 0.9  # a full table is swept down to this fraction of MAX_BUCKETS
+MAX_REDIS_CONNECTIONS = 64  # beyond, a check falls back to its local bucket
+
+# Refill at the rate the bucket was kept at, then apply a changed limit: the requests used
+# stay used. A key that has not been touched for a window holds a full bucket, which is the
+# same as no key, so it expires then.
+_SCRIPT = """
+local capacity = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'capacity', 'window')
+local tokens = tonumber(state[1])
+if tokens == nil then
+  tokens = capacity
+else
+  local was, was_window = tonumber(state[3]), tonumber(state[4])
+  local elapsed = math.max(0, now - tonumber(state[2]))
+  tokens = math.min(was, tokens + elapsed * was / was_window)
+  if was ~= capacity or was_window ~= window then
+    tokens = math.max(0, capacity - (was - tokens))
+  end
+end
+local allowed = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+  'at', string.format('%.6f', now), 'capacity', capacity, 'window', window)
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+return {allowed, string.format('%.17g', tokens)}
+"""
+
+Taken = tuple[bool, float]  # allowed, and the tokens left in the bucket
+
+
+class _Bucket:
+    __slots__ = ("at", "capacity", "tokens", "window")
+
+    def __init__(self, tokens: float, at: float, capacity: int, window: int) -> None:
+        self.tokens, self.at, self.capacity, self.window = tokens, at, capacity, window
+
+    def refill(self, now: float, capacity: int, window: int) -> None:
+        elapsed = max(0.0, now - self.at)
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.capacity / self.window)
+        self.at = now
+        if capacity != self.capacity or window != self.window:
+            self.tokens = max(0.0, capacity - (self.capacity - self.tokens))
+            self.capacity, self.window = capacity, window
+
+
+class LocalBuckets:
+    """This replica's own buckets, by client id. Any thread: one short lock per check."""
+
+    def __init__(
+        self, max_buckets: int = MAX_BUCKETS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._max = max_buckets
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, _Bucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, client_id: str, limit: RateLimit) -> Taken:
+        capacity, window = limit.requests_per_unit, RATE_UNITS[limit.unit]
+        with self._lock:
+            now = self._clock()
+            bucket = self._buckets.get(client_id)
+            if bucket is None:
+                if len(self._buckets) >= self._max:
+                    self._make_room(now)
+                bucket = self._buckets[client_id] = _Bucket(capacity, now, capacity, window)
+            else:
+                bucket.refill(now, capacity, window)
+            allowed = bucket.tokens >= 1
+            if allowed:
+                bucket.tokens -= 1
+            return allowed, bucket.tokens
+
+    def _make_room(self, now: float) -> None:
+        """Drop the buckets that have refilled (nothing is lost), then the oldest, until the
+        table is at most 90% full, so that the next sweep is far off."""
+        keep = int(self._max * _KEEP_AFTER_SWEEP)
+        buckets = self._buckets
+        for client_id in [
+            client_id
+            for client_id, b in buckets.items()
+            if b.tokens + max(0.0, now - b.at) * b.capacity / b.window >= b.capacity
+        ]:
+            del buckets[client_id]
+        while len(buckets) > keep:
+            del buckets[next(iter(buckets))]
+
+
+class SharedBuckets:
+    """The buckets in Redis, shared by every replica. Used on the event loop only."""
+
+    def __init__(self, url: str, namespace: str, timeout: float, breaker: CircuitBreaker) -> None:
+        try:  # only needed with AUTHZ_REDIS_URL set: an optional extra
+            from redis.asyncio import Redis  # noqa: PLC0415
+        except ImportError:
+            raise RuntimeError(
+                "AUTHZ_REDIS_URL (redis_url) needs the redis extra: "
+                "pip install 'authz-service[redis]'"
+            ) from None
+        self._client = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=MAX_REDIS_CONNECTIONS,
+        )
+        self._script = self._client.register_script(_SCRIPT)
+        self._prefix = f"{namespace}:rate:"
+        self._timeout = timeout
+        self._breaker = breaker
+
+    @property
+    def down(self) -> bool:
+        """Redis is failing, and its breaker open: checks go to the local buckets at once."""
+        return self._breaker.state is State.OPEN
+
+    async def take(self, client_id: str, limit: RateLimit) -> Taken | None:
+        """Take one request from the client's shared bucket; None if Redis could not say."""
+        if not self._breaker.allow():
+            return None
+        try:
+            async with asyncio.timeout(self._timeout):
+                allowed, tokens = await self._script(
+                    keys=[self._prefix + client_id],
+                    args=[limit.requests_per_unit, RATE_UNITS[limit.unit]],
+                )
+            taken = (int(allowed) == 1, float(tokens))
+        except asyncio.CancelledError:
+            self._breaker.abandoned()
+            raise
+        except Exception as exc:  # any Redis trouble: this replica's own bucket decides
+            self._breaker.failed()
+            logs.failure(
+                log,
+                "rate limits unavailable in Redis; limiting locally",
+                "rate_limit_redis_error",
+                exc,
+                breaker=self._breaker.state.value,
+            )
+            return None
+        self._breaker.succeeded()
+        return taken
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class Shared(Protocol):
+    """The shared buckets (``SharedBuckets``)."""
+
+    @property
+    def down(self) -> bool: ...
+
+    async def take(self, client_id: str, limit: RateLimit) -> Taken | None: ...
+
+    async def close(self) -> None: ...
+
+
+class RateLimiter:
+    """Applies a client's rate limit to a check it is allowed: the shared bucket when there
+    is one and Redis is up, else the local one."""
+
+    def __init__(self, local: LocalBuckets, shared: Shared | None = None) -> None:
+        self.local = local
+        self._shared = shared
+
+    @property
+    def mode(self) -> str:
+        """Where limits are counted now: ``shared`` (Redis) or ``local`` (this replica)."""
+        return "shared" if self._shared is not None and not self._shared.down else "local"
+
+    def take(self, allowed: Decision, limit: RateLimit) -> Decision | Coroutine[Any, Any, Decision]:
+        """The decision with the client's quota applied: at once from the local bucket, or a
+        coroutine that asks Redis (the check awaits it on the event loop, in its deadline)."""
+        if self._shared is None or self._shared.down:
+            return self._locally(allowed, limit)
+        return self._shared_take(self._shared, allowed, limit)
+
+    async def _shared_take(self, shared: Shared, allowed: Decision, limit: RateLimit) -> Decision:
+        client_id = allowed.client.client_id if allowed.client else ""
+        taken = await shared.take(client_id, limit)
+        if taken is None:
+            return self._locally(allowed, limit)
+        return limited(allowed, limit, taken, shared=True)
+
+    def _locally(self, allowed: Decision, limit: RateLimit) -> Decision:
+        client_id = allowed.client.client_id if allowed.client else ""
+        return limited(allowed, limit, self.local.take(client_id, limit), shared=False)
+
+    async def close(self) -> None:
+        if self._shared is not None:
+            await self._shared.close()
+
+
+def limited(allowed: Decision, limit: RateLimit, taken: Taken, *, shared: bool) -> Decision:
+    """An allow with its quota, or, without a request left, the 429 in its place."""
+    ok, tokens = taken
+    quota = standing(limit, tokens, shared)
+    if ok:
+        return allowed._replace(quota=quota)
+    return Decision(False, Reason.RATE_LIMITED, allowed.client, None, None, allowed.key_id, quota)
+
+
+def standing(limit: RateLimit, tokens: float, shared: bool) -> Quota:
+    """What a bucket holding ``tokens`` tells the client: whole requests left, and the
+    seconds until one more is available (rounded up, so that a client that waits that long
+    finds it; 0 when the bucket is full)."""
+    capacity = limit.requests_per_unit
+    remaining = max(0, math.floor(tokens))
+    if tokens >= capacity:
+        return Quota(limit, capacity, 0, shared)
+    rate = capacity / RATE_UNITS[limit.unit]
+    return Quota(limit, remaining, max(1, math.ceil((remaining + 1 - tokens) / rate)), shared)
