@@ -7,7 +7,13 @@ process: a warm-up, then --checks checks of a realistic CheckRequest. Reported p
 checks/s and client-side p50/p99 latency (both depend on the shared 2-core machine), and the
 server's own CPU time per check from /proc (user + system), which is the figure to compare.
 Ours answers on the cache-hit path of the static keys file, with decision logging on; once more
-with the sample access policy (examples/policy.yaml), to show what evaluating the rules costs.
+with the sample access policy (examples/policy.yaml), to show what evaluating the rules costs;
+and with the usage ledger (sending to a stand-in of the registry's usage endpoint), a client's
+rate limit kept locally, both, and the rate limit kept in a real Redis (a private
+redis-server), each against ours without them. The limit is too high to be reached: every
+check takes from the bucket and gets its RateLimit headers, and none is denied.
+
+    .venv/bin/python benchmarks/check_bench.py --group usage   # ours and those rows only
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -33,8 +40,19 @@ POLICY = HERE.parent / "examples" / "policy.yaml"
 sys.path.insert(0, str(HERE.parent))
 
 from tests.e2e import harness  # noqa: E402 (after the path is set)
+from tests.e2e.test_shared_cache import redis_server  # noqa: E402
+from tests.usage_registry import UsageRegistry  # noqa: E402
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
+USAGE_GROUP = frozenset(
+    {
+        "ours (tcp)",
+        "ours + ledger (tcp)",
+        "ours + local limit (tcp)",
+        "ours + ledger + local limit (tcp)",
+        "ours + Redis limit (tcp)",
+    }
+)
 TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = 1, 0
 
@@ -46,6 +64,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_us_per_check: float
+    shared_share: float | None = None  # of rate-limited checks, those counted in Redis
 
 
 def free_port() -> int:
@@ -132,6 +151,7 @@ def measure(
     payload: bytes,
     checks: int,
     concurrency: int,
+    metrics_port: int | None,
 ) -> Result:
     # The server gets one core to itself and the load generator the other, so that neither
     # steals the other's cycles and CPU per check is comparable from server to server.
@@ -147,6 +167,7 @@ def measure(
         cpu_before, started = cpu_seconds(process.pid), time.perf_counter()
         latencies = asyncio.run(drive(target, payload, checks, concurrency))
         elapsed, cpu = time.perf_counter() - started, cpu_seconds(process.pid) - cpu_before
+        share = None if metrics_port is None else shared_share(metrics_port)
     finally:
         process.terminate()
         process.wait(10)
@@ -157,7 +178,21 @@ def measure(
         p50_ms=latencies[len(latencies) // 2] * 1000,
         p99_ms=latencies[int(len(latencies) * 0.99)] * 1000,
         cpu_us_per_check=cpu / checks * 1e6,
+        shared_share=share,
     )
+
+
+def shared_share(metrics_port: int) -> float | None:
+    """Of the server's rate-limited checks, the share whose bucket was in Redis (the others
+    were limited locally, because every slot for waiting on the event loop was taken)."""
+    text = harness.send(metrics_port, "/metrics").body.decode()
+    counts = {
+        mode: float(match.group(1))
+        for mode in ("shared", "local")
+        if (match := re.search(rf'authz_rate_limit_checks_total{{mode="{mode}"}} (\S+)', text))
+    }
+    total = sum(counts.values())
+    return counts.get("shared", 0.0) / total if total else None
 
 
 def main() -> None:
@@ -170,19 +205,38 @@ def main() -> None:
         default=3,
         help="interleaved rounds per server; the median round is reported",
     )
+    parser.add_argument(
+        "--group",
+        choices=("all", "usage"),
+        default="all",
+        help="every server, or only ours with and without the usage ledger and rate limits",
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {CLIENT_CPU})
 
-    from authz_service.registry.static_file import add_key  # noqa: PLC0415 (bench-only import)
+    from authz_service.model import RateLimit  # noqa: PLC0415 (bench-only imports)
+    from authz_service.registry.static_file import add_key  # noqa: PLC0415
 
     workdir = Path(tempfile.mkdtemp(prefix="authz-bench-"))
     keys = workdir / "keys.yaml"
     key = add_key(keys, "bench", "Benchmark client", ("reader",))
     payload = check_request(key)
+    unreachable = RateLimit(1_000_000_000, "second")  # taken from on every check, never reached
+    limited_payload = check_request(
+        add_key(keys, "bench-limited", "Limited client", ("reader",), rate_limit=unreachable)
+    )
+    usage_registry = UsageRegistry()
+    usage_registry.start()
+    ledger_env = {
+        "AUTHZ_USAGE_LEDGER": "true",
+        "AUTHZ_REGISTRY_URL": usage_registry.url,
+        "AUTHZ_REGISTRY_TOKEN": usage_registry.token,
+    }
+    metrics_port = free_port()
     env = {
         **os.environ,
         "AUTHZ_KEYS_FILE": str(keys),
-        "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
+        "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{metrics_port}",
         "AUTHZ_ADMIN_ADDRESS": "",
         "AUTHZ_ACCESS_LOG_ADDRESS": "",
         "AUTHZ_LOG_LEVEL": "info",
@@ -191,7 +245,7 @@ def main() -> None:
     bare = str(HERE / "bare_server.py")
     ours = [python, "-m", "authz_service", "serve"]
     sock = workdir / "authz.sock"
-    with harness.registry_process(workdir) as registry:
+    with harness.registry_process(workdir) as registry, redis_server() as redis_url:
         # Ours in http mode answers from its cache after the warm-up: the cache-hit path.
         http_payload = check_request(registry.create_client("Benchmark client")["api_key"])
         http_env = {
@@ -209,7 +263,19 @@ def main() -> None:
             ("ours + policy (tcp)", ours, "tcp", {"AUTHZ_POLICY_FILE": str(POLICY)}, payload),
             ("bare aio (unix)", [python, bare, "aio", "{address}"], "unix", {}, payload),
             ("ours (unix)", ours, "unix", {}, payload),
+            ("ours + ledger (tcp)", ours, "tcp", ledger_env, payload),
+            ("ours + local limit (tcp)", ours, "tcp", {}, limited_payload),
+            ("ours + ledger + local limit (tcp)", ours, "tcp", ledger_env, limited_payload),
+            (
+                "ours + Redis limit (tcp)",
+                ours,
+                "tcp",
+                {"AUTHZ_REDIS_URL": redis_url},
+                limited_payload,
+            ),
         ]
+        if args.group == "usage":
+            runs = [run for run in runs if run[0] in USAGE_GROUP]
         rounds: dict[str, list[Result]] = {name: [] for name, *_ in runs}
         for _ in range(args.rounds):  # interleaved: drift on the machine hits every server
             for name, command, transport, extra, body in runs:
@@ -225,8 +291,10 @@ def main() -> None:
                         payload=body,
                         checks=args.checks,
                         concurrency=args.concurrency,
+                        metrics_port=metrics_port if command is ours else None,
                     )
                 )
+    usage_registry.stop()
     results = {
         name: sorted(runs_of, key=lambda r: r.cpu_us_per_check)[len(runs_of) // 2]
         for name, runs_of in rounds.items()
@@ -237,11 +305,13 @@ def main() -> None:
         f"median of {args.rounds} interleaved rounds, "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, grpcio {grpc.__version__}"
     )
-    print(f"{'server':<18}{'checks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/check':>14}")
+    width = max(len(name) for name in results) + 2
+    print(f"{'server':<{width}}{'checks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/check':>14}")
     for r in results.values():
+        note = "" if r.shared_share is None else f"  ({r.shared_share:.0%} counted in Redis)"
         print(
-            f"{r.name:<18}{r.checks_per_second:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
-            f"{r.cpu_us_per_check:>14.1f}"
+            f"{r.name:<{width}}{r.checks_per_second:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+            f"{r.cpu_us_per_check:>14.1f}{note}"
         )
     for mine, floor in [
         ("ours (tcp)", "bare aio (tcp)"),
@@ -250,7 +320,13 @@ def main() -> None:
         ("ours (unix)", "bare aio (unix)"),
         ("ours (tcp)", "bare sync (tcp)"),
         ("bare aio (tcp)", "bare sync (tcp)"),
+        ("ours + ledger (tcp)", "ours (tcp)"),
+        ("ours + local limit (tcp)", "ours (tcp)"),
+        ("ours + ledger + local limit (tcp)", "ours (tcp)"),
+        ("ours + Redis limit (tcp)", "ours (tcp)"),
     ]:
+        if mine not in results or floor not in results:
+            continue
         ratio = results[mine].cpu_us_per_check / results[floor].cpu_us_per_check
         # Paired: the two servers' ratio within each round (they ran back to back, so the
         # machine's drift cancels out), then the median over rounds.

@@ -24,7 +24,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from authz_service.contract import RATE_UNITS
-from authz_service.model import Client, Quota
+from authz_service.model import Client, Quota, RateLimit
 from authz_service.reasons import OUTCOMES, UNAUTHORIZED, UNAVAILABLE, Reason
 
 MAX_HEADER_VALUE_LENGTH = 256
@@ -93,13 +93,20 @@ def denial(reason: Reason, rule: str | None, settings: AnswerSettings) -> Denial
 def quota_headers(quota: Quota, limited: bool) -> Headers:
     """The RateLimit headers of a rate-limited client's answer (``limited``: a 429, which adds
     ``retry-after``)."""
-    limit = quota.limit
-    policy = f'"{QUOTA_POLICY}";q={limit.requests_per_unit};w={RATE_UNITS[limit.unit]}'
-    current = f'"{QUOTA_POLICY}";r={quota.remaining}'
-    if quota.reset:  # t is optional: a full bucket gets no more
-        current += f";t={quota.reset}"
-    headers = (("ratelimit-policy", policy), ("ratelimit", current))
+    headers = (("ratelimit-policy", quota_policy(quota.limit)), ("ratelimit", quota_now(quota)))
     return (("retry-after", str(quota.reset)), *headers) if limited else headers
+
+
+def quota_policy(limit: RateLimit) -> str:
+    """The ``RateLimit-Policy`` value: the same on every answer to the client."""
+    return f'"{QUOTA_POLICY}";q={limit.requests_per_unit};w={RATE_UNITS[limit.unit]}'
+
+
+def quota_now(quota: Quota) -> str:
+    """The ``RateLimit`` value: what is left now."""
+    if quota.reset:  # t is optional: a full bucket gets no more
+        return f'"{QUOTA_POLICY}";r={quota.remaining};t={quota.reset}'
+    return f'"{QUOTA_POLICY}";r={quota.remaining}'
 
 
 def sanitize(value: str) -> str:

@@ -97,6 +97,8 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
     feed_task = None
     try:
         await parts.registry.start()
+        if limits is not None:
+            await limits.start()
         if parts.consumer is not None:
             feed = ChangeFeed(
                 settings.registry_url,

@@ -56,6 +56,8 @@ class Pending(NamedTuple):
     then: Callable[[Any], Decision | Pending]
     trace: Trace
     timed: Callable[[Trace, float], None]  # records the wait in the trace (decision log)
+    # What decides when the check may not wait (every waiting slot taken); None: 503.
+    instead: Callable[[], Decision] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +196,7 @@ class Checker:
         taken = self._limits.take(decision, limit)
         if isinstance(taken, Decision):
             return taken
-        return Pending(taken, _as_decided, trace, _rate_limit_wait)
+        return Pending(taken.work, _as_decided, trace, _rate_limit_wait, taken.locally)
 
     def _authorize(self, request: Request, client: Client, trace: Trace) -> Decision:
         # 3. Authorization: the policy file's rules and the route's own requirements.
@@ -210,8 +212,7 @@ class Checker:
     def _wait_on_loop(self, pending: Pending, budget: float) -> Decision:
         """A worker thread waits for the rest of its check, run on the event loop."""
         if not self._waiting_threads.acquire(blocking=False):
-            pending.work.close()
-            return Decision.deny(Reason.OVERLOADED, key_id=pending.trace.key_id)
+            return _without_waiting(pending)
         try:
             future = asyncio.run_coroutine_threadsafe(self._within(pending, budget), self._loop)
             try:
@@ -242,10 +243,11 @@ class Checker:
     async def _within(self, pending: Pending, budget: float) -> Decision:
         """Run the rest of a check on the loop, within its deadline and the bound on waiting
         checks: an explicit 503 rather than a queue."""
-        if budget <= 0 or self._waiting >= self._settings.max_waiting:
+        if budget <= 0:
             pending.work.close()
-            reason = Reason.DEADLINE_EXCEEDED if budget <= 0 else Reason.OVERLOADED
-            return Decision.deny(reason, key_id=pending.trace.key_id)
+            return Decision.deny(Reason.DEADLINE_EXCEEDED, key_id=pending.trace.key_id)
+        if self._waiting >= self._settings.max_waiting:
+            return _without_waiting(pending)
         self._waiting += 1
         try:
             async with asyncio.timeout(budget):
@@ -286,6 +288,15 @@ def _denial(exc: Exception, key_id: str | None) -> Decision:
         return Decision.deny(exc.reason, key_id=key_id)
     log.exception("check failed; denying", extra={"fields": {"event": "check_error"}})
     return Decision.deny(Reason.INTERNAL_ERROR, key_id=key_id)
+
+
+def _without_waiting(pending: Pending) -> Decision:
+    """A check that may not wait: decided without what it would wait for, where it can be
+    (a rate limit, by this replica's own bucket), else an explicit 503 rather than a queue."""
+    pending.work.close()
+    if pending.instead is not None:
+        return pending.instead()
+    return Decision.deny(Reason.OVERLOADED, key_id=pending.trace.key_id)
 
 
 def _registry_wait(trace: Trace, seconds: float) -> None:

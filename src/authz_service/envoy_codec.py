@@ -15,6 +15,7 @@ Wire rules (see Envoy's ext_authz filter and external_auth.proto documentation):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
@@ -22,7 +23,7 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
 from authz_service import answers
 from authz_service.answers import AnswerSettings
-from authz_service.model import Client, Decision, Request
+from authz_service.model import Client, Decision, Quota, RateLimit, Request
 from authz_service.reasons import OUTCOMES, Reason
 
 # Allow responses depend only on the client and key, and denials only on the reason and rule, so
@@ -141,35 +142,70 @@ def decode_access_logs(
 class Encoder:
     """Builds CheckResponses, each at most once per client and key (allows) or per reason and
     rule (denials). A rate-limited client's answers carry its quota, which changes with every
-    check: they are a copy of the cached answer, with the RateLimit headers added (on an
-    allow only with ``quota_headers_on_allow``)."""
+    check: each is a copy of a cached answer that has the RateLimit headers already, with
+    only their per-check values set (on an allow only with ``quota_headers_on_allow``)."""
 
     def __init__(self, settings: AnswerSettings, quota_headers_on_allow: bool = True) -> None:
         self._settings = settings
         self._quota_on_allow = quota_headers_on_allow
         self._denials: dict[tuple[Reason, str | None], CheckResponse] = {}
         self._allows: dict[tuple[Client | None, str | None], CheckResponse] = {}
+        self._limited_allows: dict[tuple[Client | None, str | None], CheckResponse] = {}
+        self._limited_denials: dict[RateLimit, CheckResponse] = {}
 
     def encode(self, decision: Decision) -> CheckResponse:
         quota = decision.quota
         if not decision.allowed:
+            if quota is not None:
+                return self._limited_denial(quota)
             key = (decision.reason, decision.rule)
             denial = self._denials.get(key)
             if denial is None:
                 if len(self._denials) >= _MAX_CACHED_DENIALS:
                     self._denials.clear()
                 denial = self._denials[key] = self._build_denial(*key)
-            if quota is not None:
-                denial = _with_headers(denial, answers.quota_headers(quota, limited=True))
             return denial
         allow_key = (decision.client, decision.key_id)
+        if quota is not None and self._quota_on_allow:
+            return self._limited_allow(allow_key, quota)
         response = self._allows.get(allow_key)
         if response is None:
             if len(self._allows) >= _MAX_CACHED_ALLOWS:
                 self._allows.clear()
             response = self._allows[allow_key] = self._build_allow(*allow_key)
-        if quota is not None and self._quota_on_allow:
-            response = _with_headers(response, answers.quota_headers(quota, limited=False))
+        return response
+
+    def _limited_allow(
+        self, allow_key: tuple[Client | None, str | None], quota: Quota
+    ) -> CheckResponse:
+        template = self._limited_allows.get(allow_key)
+        if template is None:
+            if len(self._limited_allows) >= _MAX_CACHED_ALLOWS:
+                self._limited_allows.clear()
+            template = self._limited_allows[allow_key] = self._build_allow(*allow_key)
+            _add_headers(
+                template.ok_response.response_headers_to_add,
+                answers.quota_headers(quota, limited=False),
+            )
+        response = CheckResponse()
+        response.CopyFrom(template)
+        response.ok_response.response_headers_to_add[-1].header.value = answers.quota_now(quota)
+        return response
+
+    def _limited_denial(self, quota: Quota) -> CheckResponse:
+        template = self._limited_denials.get(quota.limit)
+        if template is None:
+            if len(self._limited_denials) >= _MAX_CACHED_DENIALS:
+                self._limited_denials.clear()
+            template = self._limited_denials[quota.limit] = self._build_denial(
+                Reason.RATE_LIMITED, None
+            )
+            _add_headers(template.denied_response.headers, answers.quota_headers(quota, True))
+        response = CheckResponse()
+        response.CopyFrom(template)
+        headers = response.denied_response.headers
+        headers[-3].header.value = str(quota.reset)  # retry-after
+        headers[-1].header.value = answers.quota_now(quota)
         return response
 
     def _build_allow(self, client: Client | None, key_id: str | None) -> CheckResponse:
@@ -214,14 +250,7 @@ class Encoder:
         return response
 
 
-def _with_headers(cached: CheckResponse, headers: answers.Headers) -> CheckResponse:
-    """A copy of a cached answer with headers for the client: on an allow, added to Envoy's
-    response to the client (``response_headers_to_add``); on a deny, to the deny."""
-    response = CheckResponse()
-    response.CopyFrom(cached)
-    options = (HeaderValueOption(header=HeaderValue(key=k, value=v)) for k, v in headers)
-    if response.HasField("denied_response"):
-        response.denied_response.headers.extend(options)
-    else:
-        response.ok_response.response_headers_to_add.extend(options)
-    return response
+def _add_headers(options: Any, headers: answers.Headers) -> None:
+    """Add headers (for the client: on an allow, Envoy adds ``response_headers_to_add`` to
+    the upstream's response)."""
+    options.extend(HeaderValueOption(header=HeaderValue(key=k, value=v)) for k, v in headers)

@@ -18,12 +18,13 @@ no TTL to wait for: what the client has used stays used, against the new quota.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from authz_service import logs
 from authz_service.breaker import CircuitBreaker, State
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 MAX_BUCKETS = 100_000  # clients with a local bucket at once
 _KEEP_AFTER_SWEEP = 0.9  # a full table is swept down to this fraction of MAX_BUCKETS
 MAX_REDIS_CONNECTIONS = 64  # beyond, a check falls back to its local bucket
+_WARM_CONNECTIONS = 8  # opened at start
+_START_TIMEOUT = 2.0  # seconds to load the script at start
 
 # Refill at the rate the bucket was kept at, then apply a changed limit: the requests used
 # stay used. A key that has not been touched for a window holds a full bucket, which is the
@@ -69,6 +72,14 @@ return {allowed, string.format('%.17g', tokens)}
 """
 
 Taken = tuple[bool, float]  # allowed, and the tokens left in the bucket
+
+
+class SharedTake(NamedTuple):
+    """A check's take from the shared bucket, which the check awaits on the event loop, and
+    what decides instead if it may not wait."""
+
+    work: Coroutine[Any, Any, Decision]
+    locally: Callable[[], Decision]
 
 
 class _Bucket:
@@ -111,10 +122,11 @@ class LocalBuckets:
                 bucket = self._buckets[client_id] = _Bucket(capacity, now, capacity, window)
             else:
                 bucket.refill(now, capacity, window)
-            allowed = bucket.tokens >= 1
-            if allowed:
-                bucket.tokens -= 1
-            return allowed, bucket.tokens
+            tokens = bucket.tokens
+            if tokens < 1:
+                return False, tokens
+            bucket.tokens = tokens = tokens - 1
+            return True, tokens
 
     def _make_room(self, now: float) -> None:
         """Drop the buckets that have refilled (nothing is lost), then the oldest, until the
@@ -147,6 +159,9 @@ class SharedBuckets:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             max_connections=MAX_REDIS_CONNECTIONS,
+            # No CLIENT SETINFO round trips on each new connection.
+            lib_name=None,
+            lib_version=None,
         )
         self._script = self._client.register_script(_SCRIPT)
         self._prefix = f"{namespace}:rate:"
@@ -157,6 +172,22 @@ class SharedBuckets:
     def down(self) -> bool:
         """Redis is failing, and its breaker open: checks go to the local buckets at once."""
         return self._breaker.state is State.OPEN
+
+    async def start(self) -> None:
+        """Load the script and open a few connections, so that the first checks of a burst
+        do not pay for them (and time out into the local buckets). Redis being unreachable
+        here is no reason not to start: the checks will fall back as they go."""
+        try:
+            async with asyncio.timeout(_START_TIMEOUT):
+                await self._client.script_load(_SCRIPT)
+                await asyncio.gather(*(self._client.ping() for _ in range(_WARM_CONNECTIONS)))
+        except Exception as exc:
+            logs.failure(
+                log,
+                "Redis unreachable at start; rate limits are local until it answers",
+                "rate_limit_redis_error",
+                exc,
+            )
 
     async def take(self, client_id: str, limit: RateLimit) -> Taken | None:
         """Take one request from the client's shared bucket; None if Redis could not say."""
@@ -195,6 +226,8 @@ class Shared(Protocol):
     @property
     def down(self) -> bool: ...
 
+    async def start(self) -> None: ...
+
     async def take(self, client_id: str, limit: RateLimit) -> Taken | None: ...
 
     async def close(self) -> None: ...
@@ -213,12 +246,15 @@ class RateLimiter:
         """Where limits are counted now: ``shared`` (Redis) or ``local`` (this replica)."""
         return "shared" if self._shared is not None and not self._shared.down else "local"
 
-    def take(self, allowed: Decision, limit: RateLimit) -> Decision | Coroutine[Any, Any, Decision]:
-        """The decision with the client's quota applied: at once from the local bucket, or a
-        coroutine that asks Redis (the check awaits it on the event loop, in its deadline)."""
+    def take(self, allowed: Decision, limit: RateLimit) -> Decision | SharedTake:
+        """The decision with the client's quota applied: at once from the local bucket, or
+        the take from Redis that the check awaits on the event loop, in its deadline."""
         if self._shared is None or self._shared.down:
             return self._locally(allowed, limit)
-        return self._shared_take(self._shared, allowed, limit)
+        return SharedTake(
+            self._shared_take(self._shared, allowed, limit),
+            functools.partial(self._locally, allowed, limit),
+        )
 
     async def _shared_take(self, shared: Shared, allowed: Decision, limit: RateLimit) -> Decision:
         client_id = allowed.client.client_id if allowed.client else ""
@@ -231,6 +267,10 @@ class RateLimiter:
         client_id = allowed.client.client_id if allowed.client else ""
         return limited(allowed, limit, self.local.take(client_id, limit), shared=False)
 
+    async def start(self) -> None:
+        if self._shared is not None:
+            await self._shared.start()
+
     async def close(self) -> None:
         if self._shared is not None:
             await self._shared.close()
@@ -240,8 +280,16 @@ def limited(allowed: Decision, limit: RateLimit, taken: Taken, *, shared: bool) 
     """An allow with its quota, or, without a request left, the 429 in its place."""
     ok, tokens = taken
     quota = standing(limit, tokens, shared)
-    if ok:
-        return allowed._replace(quota=quota)
+    if ok:  # (the constructor: several times cheaper than _replace)
+        return Decision(
+            True,
+            allowed.reason,
+            allowed.client,
+            allowed.rule,
+            allowed.dry_run_rule,
+            allowed.key_id,
+            quota,
+        )
     return Decision(False, Reason.RATE_LIMITED, allowed.client, None, None, allowed.key_id, quota)
 
 
@@ -250,8 +298,8 @@ def standing(limit: RateLimit, tokens: float, shared: bool) -> Quota:
     seconds until one more is available (rounded up, so that a client that waits that long
     finds it; 0 when the bucket is full)."""
     capacity = limit.requests_per_unit
-    remaining = max(0, math.floor(tokens))
     if tokens >= capacity:
         return Quota(limit, capacity, 0, shared)
-    rate = capacity / RATE_UNITS[limit.unit]
-    return Quota(limit, remaining, max(1, math.ceil((remaining + 1 - tokens) / rate)), shared)
+    remaining = int(tokens)  # never negative: whole requests
+    wait = (remaining + 1 - tokens) * RATE_UNITS[limit.unit] / capacity
+    return Quota(limit, remaining, max(1, math.ceil(wait)), shared)

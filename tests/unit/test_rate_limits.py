@@ -41,9 +41,33 @@ class FailingShared:
         self.down = down
         self.calls = 0
 
+    async def start(self) -> None:
+        pass
+
     async def take(self, client_id: str, limit: RateLimit) -> tuple[bool, float] | None:
         self.calls += 1
         return None
+
+    async def close(self) -> None:
+        pass
+
+
+class HangingShared:
+    """A shared bucket whose Redis answers only when released."""
+
+    down = False
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        pass
+
+    async def take(self, client_id: str, limit: RateLimit) -> tuple[bool, float] | None:
+        self.started.set()
+        await self.release.wait()
+        return (True, 0.0)
 
     async def close(self) -> None:
         pass
@@ -226,6 +250,31 @@ class TestInTheCheck:
         assert limiter.mode == "local"
         assert (await decide(checker(limiter), check())).allowed
         assert shared.calls == 0
+
+    @pytest.mark.parametrize("entry", ["worker thread", "event loop"])
+    async def test_a_check_that_may_not_wait_for_redis_is_limited_locally(self, entry: str) -> None:
+        """With every waiting slot taken, the local bucket decides: never a 503 for it."""
+        shared = HangingShared()
+        core = Checker(
+            FakeRegistry({KEY: LIMITED}, in_memory=True),
+            CheckSettings(
+                CredentialRules(), check_timeout=5.0, max_waiting=1, max_waiting_threads=1
+            ),
+            asyncio.get_running_loop(),
+            limits=RateLimiter(LocalBuckets(clock=Clock()), shared),
+        )
+        waiting = asyncio.ensure_future(asyncio.to_thread(core.check, check()))
+        await shared.started.wait()
+        if entry == "worker thread":
+            other = await asyncio.to_thread(core.check, check())
+        else:
+            outcome = core.check_on_loop(check())
+            other = outcome if isinstance(outcome, Decision) else await outcome
+        assert other.allowed
+        assert other.quota == Quota(FIVE_A_SECOND, 4, 1, shared=False)
+        shared.release.set()
+        first = await waiting
+        assert first.quota == Quota(FIVE_A_SECOND, 0, 1, shared=True)
 
     async def test_a_limit_changed_by_the_change_feed_applies_from_the_next_check(
         self, decide: Decide
