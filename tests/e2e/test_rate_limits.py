@@ -1,7 +1,8 @@
 """Per-client rate limits end to end: through the real Envoy with both sample configs (a client
 limited to 5 a second gets exactly 5 of a burst of 12, 429s with the headers, and is allowed
-again after the window), and across two replicas sharing a real Redis (5 in total; with Redis
-stopped, each replica limits on its own and nothing is denied because of Redis)."""
+again after the window), across two replicas sharing a real Redis (5 in total; with Redis
+stopped, each replica limits on its own and nothing is denied because of Redis), and through
+Envoy's global rate-limit service, which takes each client's limit from our metadata."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +20,7 @@ import grpc
 import pytest
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from authz_service.model import RateLimit
 from authz_service.registry.static_file import add_key
@@ -26,6 +29,7 @@ from tests.e2e.test_shared_cache import redis_server
 
 pytestmark = pytest.mark.e2e
 BURST = 12
+RATE_LIMIT_PROXY = harness.ROOT / "envoy" / "front-proxy-ratelimit.yaml"
 LIMIT = RateLimit(5, "second")
 _T = TypeVar("_T")
 
@@ -35,6 +39,7 @@ class Keys:
     path: Path
     limited: str  # client "limited": 5 a second
     other: str  # client "also-limited": 5 a second, its own bucket
+    plain: str  # client "plain": no limit
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     path = tmp_path_factory.mktemp("keys") / "keys.yaml"
     limited = add_key(path, "limited", "Limited Client", rate_limit=LIMIT)
     other = add_key(path, "also-limited", "Another Limited Client", rate_limit=LIMIT)
-    return Keys(path, limited, other)
+    return Keys(path, limited, other, add_key(path, "plain", "No Limit"))
 
 
 def at_once(count: int, call: Callable[[int], _T]) -> list[_T]:
@@ -218,3 +223,75 @@ def test_replicas_sharing_redis_admit_the_limit_in_total_and_alone_when_it_stops
                 assert '"rate_limit_redis_error"' in replica.logs()
     finally:
         redis.close()
+
+
+# --- Envoy's global rate-limit service -----------------------------------------------------------
+@dataclass
+class RateLimitService:
+    """A stand-in for the operator's rate-limit service: records what Envoy asks, answers as
+    told."""
+
+    port: int = 0
+    requests: list[rls_pb2.RateLimitRequest] = field(default_factory=list)
+    over_limit: bool = False
+
+
+@pytest.fixture
+def rate_limit_service() -> Iterator[RateLimitService]:
+    stub = RateLimitService()
+
+    class Servicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+        def ShouldRateLimit(  # noqa: N802 (the gRPC method name)
+            self, request: rls_pb2.RateLimitRequest, context: object
+        ) -> rls_pb2.RateLimitResponse:
+            stub.requests.append(request)
+            response = rls_pb2.RateLimitResponse
+            code = response.OVER_LIMIT if stub.over_limit else response.OK
+            return response(overall_code=code)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(Servicer(), server)
+    stub.port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield stub
+    server.stop(None)
+
+
+def test_envoys_rate_limit_service_gets_each_clients_limit_from_our_metadata(
+    tmp_path: Path,
+    keys: Keys,
+    upstream: harness.Upstream,
+    rate_limit_service: RateLimitService,
+) -> None:
+    """envoy/front-proxy-ratelimit.yaml, with AUTHZ_RATE_LIMITS=false: Envoy sends one
+    descriptor, ("client_id", <id>), with the client's limit as its override, for identified
+    clients only; the service's OVER_LIMIT becomes Envoy's 429."""
+    with harness.authz_service(tmp_path, keys.path, rate_limits="false") as service:
+        endpoints = {
+            "authz": service.grpc_port,
+            "authz_access_log": service.access_log_port,
+            "ratelimit": rate_limit_service.port,
+            "upstream": upstream.port,
+        }
+        config = harness.render(RATE_LIMIT_PROXY, 0, 0, endpoints)
+        with harness.envoy(tmp_path, config) as proxy:
+            limited = [("Authorization", f"ApiKey {keys.limited}")]
+            assert [harness.send(proxy.port, "/x", limited).status for _ in range(7)] == [200] * 7
+            assert (
+                harness.send(proxy.port, "/x", [("Authorization", f"ApiKey {keys.plain}")]).status
+                == 200
+            )
+            assert (
+                harness.send(proxy.port, "/x", [("Authorization", "ApiKey azk_no")]).status == 401
+            )
+            rate_limit_service.over_limit = True
+            assert harness.send(proxy.port, "/x", limited).status == 429
+    assert len(rate_limit_service.requests) == 7 + 1 + 1
+    first, *_, from_plain, _ = rate_limit_service.requests
+    assert first.domain == "authz-service"
+    (descriptor,) = first.descriptors
+    assert [(e.key, e.value) for e in descriptor.entries] == [("client_id", "limited")]
+    assert (descriptor.limit.requests_per_unit, descriptor.limit.unit) == (5, 1)  # SECOND
+    (unlimited,) = from_plain.descriptors
+    assert [(e.key, e.value) for e in unlimited.entries] == [("client_id", "plain")]
+    assert not unlimited.HasField("limit")
