@@ -207,3 +207,23 @@ def test_totals_are_exact_across_a_registry_outage_longer_than_a_flush_interval(
             assert_totals(registry, keys, mix, rounds=1)
     duplicates = len(registry.batch_ids) - len(set(registry.batch_ids))
     assert duplicates >= 1
+
+
+def test_in_http_mode_upstream_usage_is_counted_under_the_key_too(
+    tmp_path: Path, keys: Keys, registry: UsageRegistry
+) -> None:
+    """envoy/front-proxy-http.yaml: the key arrives in the access log as the x-authz-key-id
+    metadata that Envoy made from our answer header."""
+    mix = Mix(ok=3, failing=2, forbidden=1, unknown=1)
+    ports = Ports(harness.free_port(), harness.free_port(), harness.free_port())
+    with (
+        harness.echo_upstream() as upstream,
+        ledger_service(tmp_path, keys, registry, ports) as service,
+    ):
+        config = harness.render_front_proxy_http(0, 0, service, upstream.port)
+        with harness.envoy(tmp_path, config) as proxy:
+            warm_up(proxy, keys)
+            mix.send(proxy, keys.metered)
+            wait_for_access_logs(service, mix.upstream)
+            assert service.terminate() == 0
+    assert_totals(registry, keys, mix, rounds=1)
