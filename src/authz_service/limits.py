@@ -31,14 +31,12 @@ from authz_service.breaker import CircuitBreaker, State
 from authz_service.contract import RATE_UNITS
 from authz_service.model import Decision, Quota, RateLimit
 from authz_service.reasons import Reason
+from authz_service.redis_script import RedisError, RedisScript, Reply
 
 log = logging.getLogger(__name__)
 
 MAX_BUCKETS = 100_000  # clients with a local bucket at once
 _KEEP_AFTER_SWEEP = 0.9  # a full table is swept down to this fraction of MAX_BUCKETS
-MAX_REDIS_CONNECTIONS = 64  # beyond, a check falls back to its local bucket
-_WARM_CONNECTIONS = 8  # opened at start
-_START_TIMEOUT = 2.0  # seconds to load the script at start
 
 # Refill at the rate the bucket was kept at, then apply a changed limit: the requests used
 # stay used. A key that has not been touched for a window holds a full bucket, which is the
@@ -147,25 +145,8 @@ class SharedBuckets:
     """The buckets in Redis, shared by every replica. Used on the event loop only."""
 
     def __init__(self, url: str, namespace: str, timeout: float, breaker: CircuitBreaker) -> None:
-        try:  # only needed with AUTHZ_REDIS_URL set: an optional extra
-            from redis.asyncio import Redis  # noqa: PLC0415
-        except ImportError:
-            raise RuntimeError(
-                "AUTHZ_REDIS_URL (redis_url) needs the redis extra: "
-                "pip install 'authz-service[redis]'"
-            ) from None
-        self._client = Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=MAX_REDIS_CONNECTIONS,
-            # No CLIENT SETINFO round trips on each new connection.
-            lib_name=None,
-            lib_version=None,
-        )
-        self._script = self._client.register_script(_SCRIPT)
+        self._script = RedisScript(url, _SCRIPT, timeout)
         self._prefix = f"{namespace}:rate:"
-        self._timeout = timeout
         self._breaker = breaker
 
     @property
@@ -174,13 +155,11 @@ class SharedBuckets:
         return self._breaker.state is State.OPEN
 
     async def start(self) -> None:
-        """Load the script and open a few connections, so that the first checks of a burst
-        do not pay for them (and time out into the local buckets). Redis being unreachable
-        here is no reason not to start: the checks will fall back as they go."""
+        """Connect and load the script, so that the first checks do not pay for it (and time
+        out into the local buckets). Redis being unreachable here is no reason not to start:
+        the checks fall back as they go."""
         try:
-            async with asyncio.timeout(_START_TIMEOUT):
-                await self._client.script_load(_SCRIPT)
-                await asyncio.gather(*(self._client.ping() for _ in range(_WARM_CONNECTIONS)))
+            await self._script.load()
         except Exception as exc:
             logs.failure(
                 log,
@@ -194,12 +173,11 @@ class SharedBuckets:
         if not self._breaker.allow():
             return None
         try:
-            async with asyncio.timeout(self._timeout):
-                allowed, tokens = await self._script(
-                    keys=[self._prefix + client_id],
-                    args=[limit.requests_per_unit, RATE_UNITS[limit.unit]],
+            taken = _taken(
+                await self._script.call(
+                    [self._prefix + client_id], [limit.requests_per_unit, RATE_UNITS[limit.unit]]
                 )
-            taken = (int(allowed) == 1, float(tokens))
+            )
         except asyncio.CancelledError:
             self._breaker.abandoned()
             raise
@@ -217,7 +195,14 @@ class SharedBuckets:
         return taken
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._script.close()
+
+
+def _taken(reply: Reply) -> Taken:
+    """The script's reply: [1 if allowed else 0, the tokens left]."""
+    if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], bytes)):
+        raise RedisError("an answer the script does not give")
+    return reply[0] == 1, float(reply[1])
 
 
 class Shared(Protocol):
