@@ -4,6 +4,7 @@ place that builds concrete classes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -297,6 +298,8 @@ async def _serve(
     if usage is not None and usage_task is not None:
         # Only now: nothing answered after this could still be counted.
         usage_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await usage_task
         await usage.finish()
     log.info("stopped", extra={"fields": {"event": "stopped"}})
 

@@ -7,9 +7,9 @@ changed limit (a change-feed event, a reloaded keys file) applies from the next 
 no TTL to wait for: what the client has used stays used, against the new quota.
 
 - **Shared** (``AUTHZ_REDIS_URL``): every replica takes from the same bucket in Redis, with one
-  atomic Lua script per check, on Redis's clock. Any Redis trouble (an error, a timeout of
-  ``AUTHZ_REDIS_TIMEOUT``, the circuit breaker open) falls back to the local bucket: a check is
-  never denied because of Redis.
+  atomic Lua script per check, on Redis's clock (``redis_script``). Any Redis trouble (an
+  error, a timeout of ``AUTHZ_REDIS_TIMEOUT``, the circuit breaker open, or no slot left for a
+  check to wait in) falls back to the local bucket: a check is never denied because of Redis.
 - **Local** (no Redis, or while it is down): each replica keeps its own buckets, so N replicas
   admit up to N times the limit. They are bounded in number; a bucket that has refilled is the
   same as none, so those are dropped first.
