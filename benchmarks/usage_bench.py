@@ -78,6 +78,7 @@ def main() -> None:
     registry = StaticFileRegistry(keys, reload_interval=0)
     on_loop(registry.start())
     encoder = envoy_codec.Encoder(AnswerSettings())
+    quiet = envoy_codec.Encoder(AnswerSettings(), quota_headers_on_allow=False)
     with redis_server() as redis_url:
         shared = SharedBuckets(redis_url, "bench", timeout=1.0, breaker=CircuitBreaker(5, 5.0))
         on_loop(shared.start())
@@ -99,17 +100,33 @@ def main() -> None:
             return core
 
         cases = [
-            ("without either", server(False, None), plain),
-            ("+ ledger", server(True, None), plain),
-            ("+ local limit", server(False, RateLimiter(LocalBuckets())), limited),
-            ("+ ledger + local limit", server(True, RateLimiter(LocalBuckets())), limited),
-            ("+ Redis limit", server(False, RateLimiter(LocalBuckets(), shared)), limited),
+            ("without either", server(False, None), encoder, plain),
+            ("+ ledger", server(True, None), encoder, plain),
+            ("+ local limit", server(False, RateLimiter(LocalBuckets())), encoder, limited),
+            (
+                "+ local limit, 429 headers",  # AUTHZ_RATE_LIMIT_HEADERS=false
+                server(False, RateLimiter(LocalBuckets())),
+                quiet,
+                limited,
+            ),
+            (
+                "+ ledger + local limit",
+                server(True, RateLimiter(LocalBuckets())),
+                encoder,
+                limited,
+            ),
+            (
+                "+ Redis limit",
+                server(False, RateLimiter(LocalBuckets(), shared)),
+                encoder,
+                limited,
+            ),
         ]
         runs: dict[str, list[float]] = {name: [] for name, *_ in cases}
         for _ in range(args.rounds):  # interleaved, so that drift hits every case alike
-            for name, core, payload in cases:
-                runs[name].append(cpu_per_check(core, encoder, payload, args.number))
-        modes = {name: counted_in(metrics[core]) for name, core, _ in cases}
+            for name, core, encoding, payload in cases:
+                runs[name].append(cpu_per_check(core, encoding, payload, args.number))
+        modes = {name: counted_in(metrics[core]) for name, core, *_ in cases}
         on_loop(shared.close())
     timings = {name: min(times) for name, times in runs.items()}
     floor = timings["without either"]
@@ -117,10 +134,10 @@ def main() -> None:
         f"{args.number} checks per case, best of {args.rounds} interleaved rounds, "
         "CPU time of the process, in process (no gRPC, no decision log)"
     )
-    print(f"{'check':<26}{'us/check':>9}{'added us':>10}{'ratio':>8}")
+    print(f"{'check':<30}{'us/check':>9}{'added us':>10}{'ratio':>8}")
     for name, micros in timings.items():
         note = f"  ({modes[name]})" if modes[name] else ""
-        print(f"{name:<26}{micros:>9.2f}{micros - floor:>10.2f}{micros / floor:>7.2f}x{note}")
+        print(f"{name:<30}{micros:>9.2f}{micros - floor:>10.2f}{micros / floor:>7.2f}x{note}")
 
 
 def cpu_per_check(
