@@ -182,11 +182,12 @@ class Encoder:
         if template is None:
             if len(self._limited_allows) >= _MAX_CACHED_ALLOWS:
                 self._limited_allows.clear()
-            template = self._limited_allows[allow_key] = self._build_allow(*allow_key)
+            template = self._build_allow(*allow_key)
             _add_headers(
                 template.ok_response.response_headers_to_add,
                 answers.quota_headers(quota, limited=False),
             )
+            self._limited_allows[allow_key] = template  # only once whole: other threads read it
         response = CheckResponse()
         response.CopyFrom(template)
         response.ok_response.response_headers_to_add[-1].header.value = answers.quota_now(quota)
@@ -197,10 +198,9 @@ class Encoder:
         if template is None:
             if len(self._limited_denials) >= _MAX_CACHED_DENIALS:
                 self._limited_denials.clear()
-            template = self._limited_denials[quota.limit] = self._build_denial(
-                Reason.RATE_LIMITED, None
-            )
+            template = self._build_denial(Reason.RATE_LIMITED, None)
             _add_headers(template.denied_response.headers, answers.quota_headers(quota, True))
+            self._limited_denials[quota.limit] = template
         response = CheckResponse()
         response.CopyFrom(template)
         headers = response.denied_response.headers
