@@ -332,14 +332,17 @@ class Flusher:
         self._interval = interval
         self._rand = rand
         self._failures = 0  # consecutive failed flushes
+        self._wait = interval
 
     def delay(self) -> float:
         """The wait before the next flush: the interval, or, after failures, a growing one
         (jittered, so that a fleet does not retry in step)."""
-        if not self._failures:
-            return self._interval
+        return self._wait
+
+    def _failed(self) -> None:
+        self._failures += 1
         factor = min(1 << min(self._failures, 16), MAX_BACKOFF)
-        return self._interval * factor * (0.8 + 0.4 * self._rand())
+        self._wait = self._interval * factor * (0.8 + 0.4 * self._rand())
 
     async def run(self) -> None:
         while True:
@@ -371,7 +374,7 @@ class Flusher:
                 continue
             except Exception as exc:  # the registry may come back: the batch waits
                 self.ledger.failed()
-                self._failures += 1
+                self._failed()
                 logs.failure(
                     log,
                     "usage flush failed; retrying later",
@@ -379,7 +382,7 @@ class Flusher:
                     exc,
                     batch_id=batch.batch_id,
                     buffered=self.ledger.buffered,
-                    retry_in=round(self.delay(), 3),
+                    retry_in=round(self._wait, 3),
                 )
                 return False
             self.ledger.acknowledged(batch)
@@ -390,7 +393,7 @@ class Flusher:
                         "fields": {"event": "usage_batch_duplicate", "batch_id": batch.batch_id}
                     },
                 )
-        self._failures = 0
+        self._failures, self._wait = 0, self._interval
         return True
 
     async def finish(self, within: float = FINAL_FLUSH_SECONDS) -> None:

@@ -267,19 +267,24 @@ class TestDelivery:
         assert ledger.failures == {"unavailable": 1, "rejected": 0}
         assert ledger.buffered == 0
 
-    def test_the_wait_grows_while_the_registry_is_down_and_is_bounded(
-        self, ledger: UsageLedger
+    async def test_the_wait_grows_while_the_registry_is_down_and_is_bounded(
+        self, ledger: UsageLedger, clock: Clock
     ) -> None:
         """The interval; then 2x, 4x at most (jittered by +-20%); the interval again after."""
-        flusher = Flusher(ledger, FakeSink(), interval=10, rand=lambda: 0.5)
+        sink = FakeSink()
+        jitter = iter([0.5, 0.5, 0.5, 0.0])
+        flusher = Flusher(ledger, sink, interval=10, rand=lambda: next(jitter))
+        ledger.check(allow())
+        clock.now += 60
+        sink.failure = UsageUnavailableError("HTTP 503")
         waits = [flusher.delay()]
         for _ in range(4):
-            flusher._failures += 1
+            await flusher.flush()
             waits.append(flusher.delay())
-        assert waits == [10, 20, 40, 40, 40]
-        flusher._failures = 1
-        flusher._rand = lambda: 0.0
-        assert flusher.delay() == pytest.approx(16)
+        assert waits == [10, 20, 40, 40, pytest.approx(32)]
+        sink.failure = None
+        await flusher.flush()
+        assert flusher.delay() == 10
 
     async def test_a_batch_the_registry_refuses_is_dropped_counted_and_logged(
         self, ledger: UsageLedger, clock: Clock, caplog: pytest.LogCaptureFixture
