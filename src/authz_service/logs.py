@@ -52,6 +52,7 @@ DECISION_FIELDS = frozenset(
         "rate_limit_ms",
     }
 )
+_LOCAL_QUOTA = '"rate_limit_mode": "local", "rate_limit_ms": null'
 _NO_QUOTA = (
     '"rate_limit": null, "rate_limit_remaining": null, "rate_limit_mode": null, '
     '"rate_limit_ms": null'
@@ -319,11 +320,18 @@ class _DecisionRecord(logging.LogRecord):
         if quota is None:
             return _NO_QUOTA
         limit = quota.limit
+        waited = (
+            self._trace.rate_limit_seconds
+        )  # also when Redis failed and the local bucket decided
+        where = (
+            _LOCAL_QUOTA
+            if waited is None and not quota.shared
+            else f'"rate_limit_mode": "{"shared" if quota.shared else "local"}", '
+            f'"rate_limit_ms": {_json_number(waited)}'
+        )
         return (
             f'"rate_limit": "{limit.requests_per_unit}/{limit.unit}", '
-            f'"rate_limit_remaining": {quota.remaining}, '
-            f'"rate_limit_mode": "{"shared" if quota.shared else "local"}", '
-            f'"rate_limit_ms": {_json_number(self._trace.rate_limit_seconds)}'
+            f'"rate_limit_remaining": {quota.remaining}, {where}'
         )
 
     @property

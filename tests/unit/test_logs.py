@@ -168,9 +168,19 @@ def test_a_rate_limited_decision_records_the_limit_what_is_left_and_where_it_was
         handler = BatchingHandler(stream, JsonFormatter(redacted), interval=60)
         handler.handle(_DecisionRecord(request, limited, 0.001, Trace(rate_limit_seconds=0.0004)))
         handler.handle(_DecisionRecord(request, Decision.allow(Client("c", "C")), 0.001, Trace()))
+        fell_back = limited._replace(quota=Quota(limit, 0, 1, False))  # Redis failed after 20 ms
+        handler.handle(_DecisionRecord(request, fell_back, 0.001, Trace(rate_limit_seconds=0.02)))
+        handler.handle(_DecisionRecord(request, fell_back, 0.001, Trace()))  # no Redis at all
         handler.close()
         lines.append([json.loads(line) for line in stream.getvalue().splitlines()])
-    for with_limit, without in lines:
+    direct, generic = (
+        [{k: v for k, v in line.items() if k not in {"ts", "path"}} for line in rendered]
+        for rendered in lines
+    )
+    assert direct == generic
+    for with_limit, without, fell_back, local in lines:
+        assert (fell_back["rate_limit_mode"], fell_back["rate_limit_ms"]) == ("local", 20.0)
+        assert (local["rate_limit_mode"], local["rate_limit_ms"]) == ("local", None)
         assert {k: with_limit[k] for k in with_limit if k.startswith("rate_limit")} == {
             "rate_limit": "5/second",
             "rate_limit_remaining": 0,
