@@ -118,6 +118,10 @@ class LocalBuckets:
                 if len(self._buckets) >= self._max:
                     self._make_room(now)
                 bucket = self._buckets[client_id] = _Bucket(capacity, now, capacity, window)
+            elif capacity == bucket.capacity and window == bucket.window:  # the usual case, inline
+                tokens = bucket.tokens + max(0.0, now - bucket.at) * capacity / window
+                bucket.tokens = capacity if tokens > capacity else tokens
+                bucket.at = now
             else:
                 bucket.refill(now, capacity, window)
             tokens = bucket.tokens
@@ -235,7 +239,8 @@ class RateLimiter:
         """The decision with the client's quota applied: at once from the local bucket, or
         the take from Redis that the check awaits on the event loop, in its deadline."""
         if self._shared is None or self._shared.down:
-            return self._locally(allowed, limit)
+            client_id = allowed.client.client_id if allowed.client else ""
+            return limited(allowed, limit, self.local.take(client_id, limit), shared=False)
         return SharedTake(
             self._shared_take(self._shared, allowed, limit),
             functools.partial(self._locally, allowed, limit),
