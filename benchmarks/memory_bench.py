@@ -123,6 +123,7 @@ class Service:
             "AUTHZ_HTTP_ADDRESS": f"127.0.0.1:{self.http_port}",
             "AUTHZ_ADMIN_ADDRESS": "",
             "AUTHZ_ACCESS_LOG_ADDRESS": "",
+            "AUTHZ_HTTP_CHECK_ADDRESS": "",
             **settings,
         }
         self.started = time.monotonic()

@@ -10,6 +10,10 @@ transport (``http_check``) only put these on their wire, so both modes answer al
 - A deny carries an explicit HTTP status, ``content-type``, ``cache-control: no-store``,
   ``x-ext-authz-reason`` and, when a rule decided, ``x-ext-authz-rule``; a 401 adds the
   ``www-authenticate`` challenge and a 503 ``retry-after``.
+- A rate-limited client's answers carry its quota in the structured-field form of
+  draft-ietf-httpapi-ratelimit-headers-10: ``RateLimit-Policy: "client";q=<requests>;w=<window
+  seconds>`` and ``RateLimit: "client";r=<requests left>;t=<seconds until one more>``. A 429
+  adds ``retry-after``, the same seconds as ``t``.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote
 
-from authz_service.model import Client
+from authz_service.contract import RATE_UNITS
+from authz_service.model import Client, Quota, RateLimit
 from authz_service.reasons import OUTCOMES, UNAUTHORIZED, UNAVAILABLE, Reason
 
 MAX_HEADER_VALUE_LENGTH = 256
+QUOTA_POLICY = "client"  # the name of the one quota policy: each client's own rate limit
 # Printable ASCII except "%": everything else is percent-encoded.
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -82,6 +88,25 @@ def denial(reason: Reason, rule: str | None, settings: AnswerSettings) -> Denial
     if status is UNAVAILABLE:
         headers.append(("retry-after", str(settings.retry_after_seconds)))
     return Denial(status.http, status.rpc_code, tuple(headers), json.dumps(body))
+
+
+def quota_headers(quota: Quota, limited: bool) -> Headers:
+    """The RateLimit headers of a rate-limited client's answer (``limited``: a 429, which adds
+    ``retry-after``)."""
+    headers = (("ratelimit-policy", quota_policy(quota.limit)), ("ratelimit", quota_now(quota)))
+    return (("retry-after", str(quota.reset)), *headers) if limited else headers
+
+
+def quota_policy(limit: RateLimit) -> str:
+    """The ``RateLimit-Policy`` value: the same on every answer to the client."""
+    return f'"{QUOTA_POLICY}";q={limit.requests_per_unit};w={RATE_UNITS[limit.unit]}'
+
+
+def quota_now(quota: Quota) -> str:
+    """The ``RateLimit`` value: what is left now."""
+    if quota.reset:  # t is optional: a full bucket gets no more
+        return f'"{QUOTA_POLICY}";r={quota.remaining};t={quota.reset}'
+    return f'"{QUOTA_POLICY}";r={quota.remaining}'
 
 
 def sanitize(value: str) -> str:

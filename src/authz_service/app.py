@@ -4,6 +4,7 @@ place that builds concrete classes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -26,6 +27,7 @@ from authz_service.envoy_codec import Encoder
 from authz_service.feed import ChangeFeed, FeedSettings
 from authz_service.health import Health, supervise
 from authz_service.http_check import HttpCheckServer, HttpCheckSettings
+from authz_service.limits import LocalBuckets, RateLimiter, SharedBuckets
 from authz_service.metrics import Metrics
 from authz_service.policy import Policy, PolicyError, PolicyFile
 from authz_service.registry import ChangeConsumer, Registry
@@ -35,6 +37,7 @@ from authz_service.registry.static_file import StaticFileRegistry
 from authz_service.resolver import CachingResolver, ResolverSettings
 from authz_service.settings import Settings
 from authz_service.shared_cache import SharedCache
+from authz_service.usage import Flusher, RegistryUsage, UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,14 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
         parts = (
             Parts(registry) if registry else _parts(settings, loop, health_state, metrics, traces)
         )
+        limits = _rate_limiter(settings)
     except RuntimeError as exc:  # an optional extra that the settings need is missing
         raise StartupError(str(exc)) from None
+    if limits is not None:
+        metrics.watch_rate_limits(limits)
+    usage = _usage(settings)
+    if usage is not None:
+        metrics.watch_usage(usage.ledger)
     policy_file = None
     if settings.policy_file:
         policy_file = PolicyFile(Path(settings.policy_file), settings.policy_reload_interval)
@@ -92,6 +101,8 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
     feed_task = None
     try:
         await parts.registry.start()
+        if limits is not None:
+            await limits.start()
         if parts.consumer is not None:
             feed = ChangeFeed(
                 settings.registry_url,
@@ -111,11 +122,15 @@ async def serve(settings: Settings, stop: asyncio.Event, registry: Registry | No
             health_state=health_state,
             policy=policy,
             traces=traces,
+            limits=limits,
+            usage=usage,
         )
     finally:
         if feed_task is not None:
             feed_task.cancel()
         await parts.registry.close()
+        if limits is not None:
+            await limits.close()
         if policy_file is not None:
             await policy_file.close()
         if traces is not None:
@@ -180,6 +195,30 @@ def _shared_cache(settings: Settings, traces: tracing.Tracing | None) -> SharedC
     )
 
 
+def _rate_limiter(settings: Settings) -> RateLimiter | None:
+    if not settings.rate_limits:
+        return None
+    shared = None
+    if settings.redis_url:
+        shared = SharedBuckets(
+            settings.redis_url,
+            settings.redis_namespace,
+            settings.redis_timeout,
+            CircuitBreaker(settings.registry_breaker_failures, settings.registry_breaker_cooldown),
+        )
+    return RateLimiter(LocalBuckets(), shared)
+
+
+def _usage(settings: Settings) -> Flusher | None:
+    if not settings.usage_ledger:
+        return None
+    return Flusher(
+        UsageLedger(settings.usage_max_buffered),
+        RegistryUsage(settings.registry_url, settings.registry_token),
+        settings.usage_flush_interval,
+    )
+
+
 async def _follow_readiness(
     health_servicer: health.HealthServicer, is_ready: Callable[[], bool]
 ) -> None:
@@ -202,9 +241,14 @@ async def _serve(
     metrics: Metrics,
     health_state: Health,
     policy: Callable[[], Policy] | None,
-    traces: tracing.Tracing | None = None,
+    traces: tracing.Tracing | None,
+    limits: RateLimiter | None,
+    usage: Flusher | None,
 ) -> None:
-    checker = _checker(settings, registry, metrics, policy, traces)
+    ledger = usage.ledger if usage is not None else None
+    checker = _checker(
+        settings, registry, metrics, policy, traces=traces, limits=limits, usage=ledger
+    )
     metrics.watch_checks(checker)
     health_servicer = health.HealthServicer()
     draining = False
@@ -218,7 +262,7 @@ async def _serve(
             reasons.append("shutting down")
         return reasons
 
-    servers = _Servers(settings, checker, metrics, health_servicer)
+    servers = _Servers(settings, checker, metrics, health_servicer, ledger)
     ports = await servers.start(not_ready)
     # Everything built so far lives as long as the process: move it out of the cyclic GC's
     # reach, so that collections triggered by per-check garbage do not re-scan it every time.
@@ -229,6 +273,7 @@ async def _serve(
     health_task = supervise(
         "readiness", lambda: _follow_readiness(health_servicer, lambda: not not_ready())
     )
+    usage_task = supervise("usage-flush", usage.run) if usage is not None else None
     log.info(
         "serving",
         extra={
@@ -265,6 +310,12 @@ async def _serve(
     health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_delay)
     await servers.stop(settings.shutdown_grace)
+    if usage is not None and usage_task is not None:
+        # Only now: nothing answered after this could still be counted.
+        usage_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await usage_task
+        await usage.finish()
     log.info("stopped", extra={"fields": {"event": "stopped"}})
 
 
@@ -273,7 +324,10 @@ def _checker(
     registry: Registry,
     metrics: Metrics,
     policy: Callable[[], Policy] | None,
-    traces: tracing.Tracing | None = None,
+    *,
+    traces: tracing.Tracing | None,
+    limits: RateLimiter | None,
+    usage: UsageLedger | None,
 ) -> Checker:
     workers = settings.grpc_workers
     return Checker(
@@ -294,6 +348,8 @@ def _checker(
         metrics,
         policy,
         tracing=traces,
+        limits=limits,
+        usage=usage,
     )
 
 
@@ -307,6 +363,7 @@ class _Servers:
         checker: Checker,
         metrics: Metrics,
         health_servicer: health.HealthServicer,
+        usage: UsageLedger | None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
@@ -319,7 +376,9 @@ class _Servers:
         )
         self._check = grpc_server.build_server(
             grpc_server.AuthorizationServicer(
-                checker, Encoder(answer_settings), settings.max_message_bytes
+                checker,
+                Encoder(answer_settings, settings.rate_limit_headers),
+                settings.max_message_bytes,
             ),
             health_servicer,
             workers=settings.grpc_workers,
@@ -332,6 +391,7 @@ class _Servers:
                     path_prefix=settings.http_check_path_prefix,
                     max_body_bytes=settings.max_message_bytes,
                 ),
+                settings.rate_limit_headers,
             )
             if settings.http_check_address
             else None
@@ -339,7 +399,10 @@ class _Servers:
         self._aio: list[tuple[str, str, str, grpc.aio.Server]] = []
         if settings.access_log_address:
             access_logs = grpc_server.AccessLogServicer(
-                metrics, settings.access_log_client_header or None, settings.access_log_token
+                metrics,
+                settings.access_log_client_header or None,
+                settings.access_log_token,
+                usage,
             )
             self._aio.append(
                 (

@@ -2,9 +2,10 @@
 
 A check reads top to bottom in ``_decide``: the request as the transport read it, then
 1. identity (the one API key, checked offline), 2. resolution (from memory, or by the
-registry), 3. authorization (the policy file and the route's requirements). Whatever part of it
-must wait for I/O (a registry lookup) comes back as a coroutine, and each entry point runs that
-in the one place it may wait:
+registry), 3. authorization (the policy file and the route's requirements), 4. the client's
+rate limit, once it is allowed. Whatever part of it must wait for I/O (a registry lookup, the
+shared rate-limit bucket) comes back as a coroutine, and each entry point runs that in the one
+place it may wait:
 
 - ``check``, for a worker thread (the gRPC transport): the coroutine runs on the event loop
   while the thread waits, within the check's deadline;
@@ -14,7 +15,7 @@ in the one place it may wait:
 This is the only place that turns failures into decisions: whatever goes wrong below (an
 exception, a deadline, a bound reached), the caller gets a deny, never an exception that would
 leave the outcome to Envoy's ``failure_mode_allow``. Every check is recorded here, exactly once:
-the decision log and the metrics.
+the decision log, the metrics and the usage ledger.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from authz_service import credentials, logs
 from authz_service.credentials import CredentialRules
+from authz_service.limits import RateLimiter
 from authz_service.metrics import Metrics
 from authz_service.model import Client, Decision, Request, Trace
 from authz_service.policy import NO_POLICY, Policy
 from authz_service.reasons import Reason
 from authz_service.registry import Known, Registry, RegistryError
+from authz_service.usage import UsageLedger
 
 if TYPE_CHECKING:
     from authz_service.tracing import Tracing
@@ -51,13 +54,15 @@ _UNTRACED = contextlib.nullcontext()
 
 
 class Pending(NamedTuple):
-    """The rest of a check that must wait for I/O: what it waits for (a registry lookup), and
-    what then decides, which may wait again."""
+    """The rest of a check that must wait for I/O: what it waits for (a registry lookup, the
+    shared rate-limit bucket), and what then decides, which may wait again."""
 
     work: Coroutine[Any, Any, Any]
     then: Callable[[Any], Decision | Pending]
     trace: Trace
     timed: Callable[[Trace, float], None]  # records the wait in the trace (decision log)
+    # What decides when the check may not wait (every waiting slot taken); None: 503.
+    instead: Callable[[], Decision] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +87,14 @@ class Checker:
         policy: Callable[[], Policy] | None = None,
         *,
         tracing: Tracing | None = None,
+        limits: RateLimiter | None = None,
+        usage: UsageLedger | None = None,
     ) -> None:
         """``loop`` runs the registry lookups. ``policy`` returns the access policy in force
         (the policy file reloads); without one, every identified client is allowed, subject
-        to its route's requirements. With ``tracing``, each check has a span."""
+        to its route's requirements. With ``tracing``, each check has a span. ``limits``
+        enforces clients' rate limits (without it, they are not enforced here); ``usage``
+        counts every check of a known key."""
         self.registry = registry
         self._settings = settings
         self._rules = settings.credential_rules
@@ -93,6 +102,8 @@ class Checker:
         self._metrics = metrics
         self._policy = policy or _no_policy
         self._tracing = tracing
+        self._limits = limits
+        self._usage = usage
         self._waiting = 0  # checks waiting for I/O; changed on the event loop only
         self._waiting_threads = threading.BoundedSemaphore(settings.max_waiting_threads)
         self._non_http = (
@@ -150,13 +161,14 @@ class Checker:
     async def explain(
         self, request: Request, client: Client | None = None
     ) -> tuple[Decision, Trace]:
-        """Decide as a check would, and say how, without logging or counting a decision. With
-        ``client``, the credential and resolution steps are skipped for that client."""
+        """Decide as a check would, and say how, without logging or counting a decision, and
+        without taking from the client's rate limit. With ``client``, the credential and
+        resolution steps are skipped for that client."""
         trace = Trace()
         if client is not None:
             return self._authorize(request, client, trace), trace
         try:
-            decision = self._decide(request, trace)
+            decision = self._decide(request, trace, metered=False)
             if not isinstance(decision, Decision):
                 decision = await self._within(decision, self._budget(None))
         except Exception as exc:  # as in check
@@ -164,7 +176,9 @@ class Checker:
         return decision, trace
 
     # --- the check, top to bottom --------------------------------------------------------------
-    def _decide(self, request: Request, trace: Trace) -> Decision | Pending:
+    def _decide(
+        self, request: Request, trace: Trace, *, metered: bool = True
+    ) -> Decision | Pending:
         if request.problem is not None:  # the transport could not read it
             return Decision.deny(request.problem)
         if not request.is_http:
@@ -180,16 +194,26 @@ class Checker:
         known = self.registry.lookup(credential)
         if not isinstance(known, Client | Reason):
             trace.resolution = "registry"
-            return Pending(
-                known, functools.partial(self._admit, request, trace), trace, _registry_wait
-            )
+            admit = functools.partial(self._admit, request, trace, metered)
+            return Pending(known, admit, trace, _registry_wait)
         trace.resolution = "memory"
-        return self._admit(request, trace, known)
+        return self._admit(request, trace, metered, known)
 
-    def _admit(self, request: Request, trace: Trace, known: Known) -> Decision:
+    def _admit(
+        self, request: Request, trace: Trace, metered: bool, known: Known
+    ) -> Decision | Pending:
         if isinstance(known, Reason):
             return Decision.deny(known, key_id=trace.key_id)
-        return self._authorize(request, known, trace)
+        decision = self._authorize(request, known, trace)
+        limit = known.rate_limit
+        if limit is None or not decision.allowed or self._limits is None or not metered:
+            return decision
+        # 4. Rate limit: the client's own bucket, taken from only by checks it is allowed
+        # (locally, or, in Redis, the part that waits).
+        taken = self._limits.take(decision, limit)
+        if isinstance(taken, Decision):
+            return taken
+        return Pending(taken.work, _as_decided, trace, _rate_limit_wait, taken.locally)
 
     def _authorize(self, request: Request, client: Client, trace: Trace) -> Decision:
         # 3. Authorization: the policy file's rules and the route's own requirements.
@@ -205,8 +229,7 @@ class Checker:
     def _wait_on_loop(self, pending: Pending, budget: float) -> Decision:
         """A worker thread waits for the rest of its check, run on the event loop."""
         if not self._waiting_threads.acquire(blocking=False):
-            pending.work.close()
-            return Decision.deny(Reason.OVERLOADED, key_id=pending.trace.key_id)
+            return _without_waiting(pending)
         try:
             future = asyncio.run_coroutine_threadsafe(self._within(pending, budget), self._loop)
             try:
@@ -237,10 +260,11 @@ class Checker:
     async def _within(self, pending: Pending, budget: float) -> Decision:
         """Run the rest of a check on the loop, within its deadline and the bound on waiting
         checks: an explicit 503 rather than a queue."""
-        if budget <= 0 or self._waiting >= self._settings.max_waiting:
+        if budget <= 0:
             pending.work.close()
-            reason = Reason.DEADLINE_EXCEEDED if budget <= 0 else Reason.OVERLOADED
-            return Decision.deny(reason, key_id=pending.trace.key_id)
+            return Decision.deny(Reason.DEADLINE_EXCEEDED, key_id=pending.trace.key_id)
+        if self._waiting >= self._settings.max_waiting:
+            return _without_waiting(pending)
         self._waiting += 1
         try:
             # The check's span is current while it waits: the spans of the I/O it starts (the
@@ -273,6 +297,8 @@ class Checker:
             self._metrics.decision(decision, elapsed, request.size)
         if trace.span is not None:
             trace.span.end(decision, trace)
+        if self._usage is not None:
+            self._usage.check(decision)
 
 
 def _denial(exc: Exception, key_id: str | None) -> Decision:
@@ -285,8 +311,25 @@ def _denial(exc: Exception, key_id: str | None) -> Decision:
     return Decision.deny(Reason.INTERNAL_ERROR, key_id=key_id)
 
 
+def _without_waiting(pending: Pending) -> Decision:
+    """A check that may not wait: decided without what it would wait for, where it can be
+    (a rate limit, by this replica's own bucket), else an explicit 503 rather than a queue."""
+    pending.work.close()
+    if pending.instead is not None:
+        return pending.instead()
+    return Decision.deny(Reason.OVERLOADED, key_id=pending.trace.key_id)
+
+
 def _registry_wait(trace: Trace, seconds: float) -> None:
     trace.registry_seconds = seconds
+
+
+def _rate_limit_wait(trace: Trace, seconds: float) -> None:
+    trace.rate_limit_seconds = seconds
+
+
+def _as_decided(decision: Decision) -> Decision:
+    return decision
 
 
 def _no_policy() -> Policy:

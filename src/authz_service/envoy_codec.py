@@ -15,6 +15,7 @@ Wire rules (see Envoy's ext_authz filter and external_auth.proto documentation):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
@@ -22,7 +23,7 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
 from authz_service import answers
 from authz_service.answers import AnswerSettings
-from authz_service.model import Client, Decision, Request
+from authz_service.model import Client, Decision, Quota, RateLimit, Request
 from authz_service.reasons import OUTCOMES, Reason
 
 # Allow responses depend only on the client and key, and denials only on the reason and rule, so
@@ -95,27 +96,34 @@ class UpstreamRecord:
     status: int
     request_bytes: int
     response_bytes: int
+    key_id: str | None = None  # the key our Check allowed, from the same metadata
 
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 HTTP_CLIENT_ID_METADATA = "x-authz-client-id"
+HTTP_KEY_ID_METADATA = "x-authz-key-id"
+# Envoy's RateLimitUnit names, as RateLimit.Override.DynamicMetadata parses them.
+_ENVOY_RATE_UNITS = {"second": "SECOND", "minute": "MINUTE", "hour": "HOUR", "day": "DAY"}
 
 
 def decode_access_logs(
     message: StreamAccessLogsMessage, client_header: str | None
 ) -> list[UpstreamRecord]:
-    """The HTTP entries of one access-log message. The client is the one our Check put in the
-    dynamic metadata, or, with ``client_header``, the identity header we set upstream."""
+    """The HTTP entries of one access-log message. The client and key are the ones our Check
+    put in the dynamic metadata, or, with ``client_header``, the client is the identity
+    header we set upstream (and the key unknown)."""
     records = []
     for entry in message.http_logs.log_entry:
-        client_id = None
+        client_id = key_id = None
         metadata = entry.common_properties.metadata.filter_metadata
         if EXT_AUTHZ_NAMESPACE in metadata:
             fields = metadata[EXT_AUTHZ_NAMESPACE].fields
-            # gRPC mode: our dynamic_metadata; HTTP mode: our answer header, which Envoy's
-            # dynamic_metadata_from_headers stores under its own name.
+            # gRPC mode: our dynamic_metadata; HTTP mode: our answer headers, which Envoy's
+            # dynamic_metadata_from_headers stores under their own names.
             value = fields.get("client_id") or fields.get(HTTP_CLIENT_ID_METADATA)
             client_id = value.string_value if value is not None else None
+            value = fields.get("key_id") or fields.get(HTTP_KEY_ID_METADATA)
+            key_id = value.string_value if value is not None else None
         if client_id is None and client_header:
             client_id = entry.request.request_headers.get(client_header)
         request, response = entry.request, entry.response
@@ -125,6 +133,7 @@ def decode_access_logs(
                 status=response.response_code.value,
                 request_bytes=request.request_body_bytes,
                 response_bytes=response.response_body_bytes,
+                key_id=key_id or None,
             )
         )
     return records
@@ -132,15 +141,23 @@ def decode_access_logs(
 
 class Encoder:
     """Builds CheckResponses, each at most once per client and key (allows) or per reason and
-    rule (denials)."""
+    rule (denials). A rate-limited client's answers carry its quota, which changes with every
+    check: each is a copy of a cached answer that has the RateLimit headers already, with
+    only their per-check values set (on an allow only with ``quota_headers_on_allow``)."""
 
-    def __init__(self, settings: AnswerSettings) -> None:
+    def __init__(self, settings: AnswerSettings, quota_headers_on_allow: bool = True) -> None:
         self._settings = settings
+        self._quota_on_allow = quota_headers_on_allow
         self._denials: dict[tuple[Reason, str | None], CheckResponse] = {}
         self._allows: dict[tuple[Client | None, str | None], CheckResponse] = {}
+        self._limited_allows: dict[tuple[Client | None, str | None], CheckResponse] = {}
+        self._limited_denials: dict[RateLimit, CheckResponse] = {}
 
     def encode(self, decision: Decision) -> CheckResponse:
+        quota = decision.quota
         if not decision.allowed:
+            if quota is not None:
+                return self._limited_denial(quota)
             key = (decision.reason, decision.rule)
             denial = self._denials.get(key)
             if denial is None:
@@ -149,11 +166,46 @@ class Encoder:
                 denial = self._denials[key] = self._build_denial(*key)
             return denial
         allow_key = (decision.client, decision.key_id)
+        if quota is not None and self._quota_on_allow:
+            return self._limited_allow(allow_key, quota)
         response = self._allows.get(allow_key)
         if response is None:
             if len(self._allows) >= _MAX_CACHED_ALLOWS:
                 self._allows.clear()
             response = self._allows[allow_key] = self._build_allow(*allow_key)
+        return response
+
+    def _limited_allow(
+        self, allow_key: tuple[Client | None, str | None], quota: Quota
+    ) -> CheckResponse:
+        template = self._limited_allows.get(allow_key)
+        if template is None:
+            if len(self._limited_allows) >= _MAX_CACHED_ALLOWS:
+                self._limited_allows.clear()
+            template = self._build_allow(*allow_key)
+            _add_headers(
+                template.ok_response.response_headers_to_add,
+                answers.quota_headers(quota, limited=False),
+            )
+            self._limited_allows[allow_key] = template  # only once whole: other threads read it
+        response = CheckResponse()
+        response.CopyFrom(template)
+        response.ok_response.response_headers_to_add[-1].header.value = answers.quota_now(quota)
+        return response
+
+    def _limited_denial(self, quota: Quota) -> CheckResponse:
+        template = self._limited_denials.get(quota.limit)
+        if template is None:
+            if len(self._limited_denials) >= _MAX_CACHED_DENIALS:
+                self._limited_denials.clear()
+            template = self._build_denial(Reason.RATE_LIMITED, None)
+            _add_headers(template.denied_response.headers, answers.quota_headers(quota, True))
+            self._limited_denials[quota.limit] = template
+        response = CheckResponse()
+        response.CopyFrom(template)
+        headers = response.denied_response.headers
+        headers[-3].header.value = str(quota.reset)  # retry-after
+        headers[-1].header.value = answers.quota_now(quota)
         return response
 
     def _build_allow(self, client: Client | None, key_id: str | None) -> CheckResponse:
@@ -166,9 +218,19 @@ class Encoder:
         )
         ok.headers_to_remove.extend(remove)
         if client is not None:
-            metadata = {"client_id": client.client_id, "client_name": client.name}
+            metadata: dict[str, object] = {
+                "client_id": client.client_id,
+                "client_name": client.name,
+            }
             if key_id is not None:
                 metadata["key_id"] = key_id
+            if client.rate_limit is not None:
+                # The shape of Envoy's RateLimit.Override.DynamicMetadata, for operators who
+                # enforce the limit in Envoy's global rate-limit service instead.
+                metadata["rate_limit"] = {
+                    "requests_per_unit": client.rate_limit.requests_per_unit,
+                    "unit": _ENVOY_RATE_UNITS[client.rate_limit.unit],
+                }
             response.dynamic_metadata.update(metadata)
         return response
 
@@ -186,3 +248,9 @@ class Encoder:
         )
         denied.body = body
         return response
+
+
+def _add_headers(options: Any, headers: answers.Headers) -> None:
+    """Add headers (for the client: on an allow, Envoy adds ``response_headers_to_add`` to
+    the upstream's response)."""
+    options.extend(HeaderValueOption(header=HeaderValue(key=k, value=v)) for k, v in headers)

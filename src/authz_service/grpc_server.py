@@ -27,6 +27,7 @@ from authz_service.admin.v1 import admin_pb2_grpc
 from authz_service.core import Checker
 from authz_service.metrics import Metrics
 from authz_service.model import Request
+from authz_service.usage import UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,22 @@ def _with_callers_trace(
 
 class AccessLogServicer:
     """envoy.service.accesslog.v3.AccessLogService: Envoy's HTTP gRPC access logger streams each
-    finished request here; each is counted for its client. With a token, a stream must carry
-    it (``authorization: Bearer <token>`` metadata, which Envoy sends through the gRPC service's
-    ``initial_metadata``), or it is refused before any entry is read."""
+    finished request here; each is counted for its client (and, with a usage ledger, for its
+    key). With a token, a stream must carry it (``authorization: Bearer <token>`` metadata,
+    which Envoy sends through the gRPC service's ``initial_metadata``), or it is refused before
+    any entry is read."""
 
-    def __init__(self, metrics: Metrics, client_header: str | None, token: str = "") -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        client_header: str | None,
+        token: str = "",
+        usage: UsageLedger | None = None,
+    ) -> None:
         self._metrics = metrics
         self._client_header = client_header
         self._expected = f"Bearer {token}".encode() if token else None
+        self._usage = usage
 
     async def StreamAccessLogs(  # noqa: N802 (the gRPC method name)
         self,
@@ -110,6 +119,8 @@ class AccessLogServicer:
                 self._metrics.upstream(
                     record.client_id, record.status, record.request_bytes, record.response_bytes
                 )
+                if self._usage is not None:
+                    self._usage.upstream(record)
         return StreamAccessLogsResponse()
 
 

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import httptools
 
@@ -89,15 +89,26 @@ class HttpCheckSettings:
     read_timeout: float = 10.0  # seconds a request may take to arrive once it has begun
 
 
-class Responses:
-    """The answer bytes, each built once per client and key (allows) or reason and rule."""
+class _Message(NamedTuple):
+    whole: bytes
+    split: int  # where the headers end: per-check headers go there
 
-    def __init__(self, settings: AnswerSettings) -> None:
+
+class Responses:
+    """The answer bytes, each built once per client and key (allows) or reason and rule. A
+    rate-limited client's answers carry its quota, which changes with every check: the
+    RateLimit headers are put into the cached answer (on an allow only with
+    ``quota_headers_on_allow``; Envoy passes them to the client when its
+    ``allowed_client_headers_on_success`` lists them)."""
+
+    def __init__(self, settings: AnswerSettings, quota_headers_on_allow: bool = True) -> None:
         self._settings = settings
-        self._allows: dict[tuple[Client | None, str | None], bytes] = {}
-        self._denials: dict[tuple[Reason, str | None], bytes] = {}
+        self._quota_on_allow = quota_headers_on_allow
+        self._allows: dict[tuple[Client | None, str | None], _Message] = {}
+        self._denials: dict[tuple[Reason, str | None], _Message] = {}
 
     def of(self, decision: Decision) -> bytes:
+        quota = decision.quota
         if decision.allowed:
             allow_key = (decision.client, decision.key_id)
             found = self._allows.get(allow_key)
@@ -105,16 +116,20 @@ class Responses:
                 if len(self._allows) >= _MAX_CACHED:
                     self._allows.clear()
                 found = self._allows[allow_key] = self._allow(*allow_key)
-            return found
+            if quota is None or not self._quota_on_allow:
+                return found.whole
+            return _with_headers(found, answers.quota_headers(quota, limited=False))
         deny_key = (decision.reason, decision.rule)
         found = self._denials.get(deny_key)
         if found is None:
             if len(self._denials) >= _MAX_CACHED:
                 self._denials.clear()
             found = self._denials[deny_key] = self._deny(*deny_key)
-        return found
+        if quota is None:
+            return found.whole
+        return _with_headers(found, answers.quota_headers(quota, limited=True))
 
-    def _allow(self, client: Client | None, key_id: str | None) -> bytes:
+    def _allow(self, client: Client | None, key_id: str | None) -> _Message:
         headers, remove = answers.identity(client, self._settings)
         lines = list(headers)
         if client is not None:
@@ -125,16 +140,22 @@ class Responses:
         lines.append(("x-envoy-auth-headers-to-remove", ",".join(remove)))
         return _message(200, lines, b"")
 
-    def _deny(self, reason: Reason, rule: str | None) -> bytes:
+    def _deny(self, reason: Reason, rule: str | None) -> _Message:
         status, _, headers, body = answers.denial(reason, rule, self._settings)
         return _message(status, list(headers), body.encode())
 
 
-def _message(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+def _message(status: int, headers: list[tuple[str, str]], body: bytes) -> _Message:
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
     head += [f"{name}: {value}" for name, value in headers]
-    head.append(f"content-length: {len(body)}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    top = ("\r\n".join(head) + "\r\n").encode("latin-1")
+    return _Message(top + f"content-length: {len(body)}\r\n\r\n".encode() + body, len(top))
+
+
+def _with_headers(message: _Message, headers: answers.Headers) -> bytes:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("latin-1")
+    whole, split = message
+    return whole[:split] + lines + whole[split:]
 
 
 class _UnreadableError(Exception):
@@ -283,13 +304,17 @@ class _Connection(asyncio.Protocol):
 
 class HttpCheckServer:
     def __init__(
-        self, checker: Checker, answer_settings: AnswerSettings, settings: HttpCheckSettings
+        self,
+        checker: Checker,
+        answer_settings: AnswerSettings,
+        settings: HttpCheckSettings,
+        quota_headers_on_allow: bool = True,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.settings = settings
         self.connections: set[_Connection] = set()
         self.checker = checker
-        self.responses = Responses(answer_settings)
+        self.responses = Responses(answer_settings, quota_headers_on_allow)
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._in_progress = 0  # checks waiting for the registry, on every connection

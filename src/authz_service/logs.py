@@ -46,7 +46,16 @@ DECISION_FIELDS = frozenset(
         "registry_ms",
         "rule",
         "dry_run_rule",
+        "rate_limit",
+        "rate_limit_remaining",
+        "rate_limit_mode",
+        "rate_limit_ms",
     }
+)
+_LOCAL_QUOTA = '"rate_limit_mode": "local", "rate_limit_ms": null'
+_NO_QUOTA = (
+    '"rate_limit": null, "rate_limit_remaining": null, "rate_limit_mode": null, '
+    '"rate_limit_ms": null'
 )
 
 
@@ -302,7 +311,27 @@ class _DecisionRecord(logging.LogRecord):
             f'"resolution": {_json_text(trace.resolution)}, '
             f'"registry_ms": {_json_number(trace.registry_seconds)}, '
             f'"rule": {_json_text(decision.rule)}, '
-            f'"dry_run_rule": {_json_text(decision.dry_run_rule)}}}'
+            f'"dry_run_rule": {_json_text(decision.dry_run_rule)}, '
+            f"{self._quota()}}}"
+        )
+
+    def _quota(self) -> str:
+        quota = self._decision.quota
+        if quota is None:
+            return _NO_QUOTA
+        limit = quota.limit
+        waited = (
+            self._trace.rate_limit_seconds
+        )  # also when Redis failed and the local bucket decided
+        where = (
+            _LOCAL_QUOTA
+            if waited is None and not quota.shared
+            else f'"rate_limit_mode": "{"shared" if quota.shared else "local"}", '
+            f'"rate_limit_ms": {_json_number(waited)}'
+        )
+        return (
+            f'"rate_limit": "{limit.requests_per_unit}/{limit.unit}", '
+            f'"rate_limit_remaining": {quota.remaining}, {where}'
         )
 
     @property
@@ -326,7 +355,27 @@ class _DecisionRecord(logging.LogRecord):
             else round(self._trace.registry_seconds * 1000, 3),
             "rule": decision.rule,
             "dry_run_rule": decision.dry_run_rule,
+            **_quota_fields(decision, self._trace),
         }
+
+
+def _quota_fields(decision: Decision, trace: Trace) -> dict[str, Any]:
+    """The rate limit a decision applied: the limit, what is left of it, where it was
+    counted, and how long the shared bucket took to answer."""
+    quota = decision.quota
+    if quota is None:
+        return dict.fromkeys(
+            ("rate_limit", "rate_limit_remaining", "rate_limit_mode", "rate_limit_ms")
+        )
+    limit = quota.limit
+    return {
+        "rate_limit": f"{limit.requests_per_unit}/{limit.unit}",
+        "rate_limit_remaining": quota.remaining,
+        "rate_limit_mode": "shared" if quota.shared else "local",
+        "rate_limit_ms": None
+        if trace.rate_limit_seconds is None
+        else round(trace.rate_limit_seconds * 1000, 3),
+    }
 
 
 # The same values as class attributes too, for our own formatter, which reads attributes.

@@ -97,6 +97,23 @@ class PolicyState(Protocol):
     def rules(self) -> Sized: ...
 
 
+class RateLimitState(Protocol):
+    @property
+    def local(self) -> Sized: ...  # the local buckets
+
+    @property
+    def mode(self) -> str: ...
+
+
+class UsageState(Protocol):
+    flushed_entries: int
+    dropped: dict[str, int]
+    failures: dict[str, int]
+
+    @property
+    def buffered(self) -> int: ...
+
+
 _BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
@@ -159,6 +176,7 @@ class Metrics:
         self._check_seconds = Histogram(CHECK_BUCKETS)
         self._request_bytes: dict[str, int] = {}
         self._dry_run_denials: dict[tuple[str, str], int] = {}
+        self._rate_limited_checks = {"shared": 0, "local": 0}
         self.registry_call_seconds = Histogram(CHECK_BUCKETS)
         self._upstream: dict[tuple[str, str], int] = {}
         self._upstream_request_bytes: dict[str, int] = {}
@@ -225,6 +243,8 @@ class Metrics:
             if decision.dry_run_rule is not None:  # rule ids come from the policy: bounded
                 rule_key = (decision.dry_run_rule, label)
                 self._dry_run_denials[rule_key] = self._dry_run_denials.get(rule_key, 0) + 1
+            if decision.quota is not None:
+                self._rate_limited_checks["shared" if decision.quota.shared else "local"] += 1
 
     def upstream(
         self, client_id: str | None, status: int, request_bytes: int, response_bytes: int
@@ -308,6 +328,55 @@ class Metrics:
         )
         self.counter(
             "authz_feed_resyncs", "Times the feed's consumer started afresh.", lambda: feed.resyncs
+        )
+
+    def watch_rate_limits(self, limits: RateLimitState) -> None:
+        self.counters(
+            "authz_rate_limit_checks",
+            "Checks of rate-limited clients, by where their bucket was kept: shared (Redis) or "
+            "local (this replica's own, without Redis or while it is down).",
+            "mode",
+            lambda: self._rate_limited_checks,
+        )
+        self.counters(
+            "authz_rate_limit_mode",
+            "Where rate limits are counted now (1 for the current mode): shared (Redis, "
+            "across replicas) or local (each replica on its own).",
+            "mode",
+            lambda: {mode: int(limits.mode == mode) for mode in ("shared", "local")},
+            kind="gauge",
+        )
+        self.gauge(
+            "authz_rate_limit_buckets",
+            "Clients with a local rate-limit bucket.",
+            lambda: len(limits.local),
+        )
+
+    def watch_usage(self, usage: UsageState) -> None:
+        self.gauge(
+            "authz_usage_entries_buffered",
+            "Usage ledger entries (one key, one minute) held: open, or waiting for the registry.",
+            lambda: usage.buffered,
+        )
+        self.counter(
+            "authz_usage_entries_flushed",
+            "Usage ledger entries the registry acknowledged.",
+            lambda: usage.flushed_entries,
+        )
+        self.counters(
+            "authz_usage_records_dropped",
+            "Checks and upstream responses the usage ledger lost: buffer_full (not counted, "
+            "the buffer was full), rejected (in a batch the registry refused as malformed), "
+            "shutdown (not delivered at shutdown).",
+            "reason",
+            lambda: usage.dropped,
+        )
+        self.counters(
+            "authz_usage_flush_failures",
+            "Usage batches not delivered: unavailable (the registry failed; retried) or "
+            "rejected (refused as malformed; dropped).",
+            "kind",
+            lambda: usage.failures,
         )
 
     def watch_policy(self, policy: Callable[[], PolicyState]) -> None:

@@ -86,6 +86,16 @@ class RateLimit(NamedTuple):
     unit: str  # second, minute, hour or day
 
 
+class Quota(NamedTuple):
+    """Where a rate-limited client stands after one check: for its RateLimit headers and the
+    decision log."""
+
+    limit: RateLimit
+    remaining: int  # whole requests available now
+    reset: int  # seconds until one more request is available (0: none will be added)
+    shared: bool  # counted in the replicas' shared bucket (Redis), not this replica's own
+
+
 @dataclass(frozen=True, slots=True)
 class Client:
     """A registered API client, as the registry describes it. Made once per client and shared
@@ -106,6 +116,7 @@ class Trace:
     registry_seconds: float | None = None
     policy_path: str | None = None  # the normalised path the policy rules compared
     span: CheckSpan | None = None  # the check's span, with tracing on (tracing.py)
+    rate_limit_seconds: float | None = None  # the wait for the shared rate-limit bucket
 
 
 class Decision(NamedTuple):
@@ -117,6 +128,7 @@ class Decision(NamedTuple):
     rule: str | None = None  # the policy rule that decided, if one did
     dry_run_rule: str | None = None  # a dry-run rule that would have denied this allow
     key_id: str | None = None  # the presented key's fingerprint, once it passed the offline check
+    quota: Quota | None = None  # a rate-limited client's standing, once its limit was applied
 
     @classmethod
     def allow(

@@ -169,17 +169,46 @@ class Settings:
     )
     redis_url: str = _setting(
         "",
-        "redis://host:port/db of a Redis shared by the replicas as a second cache tier "
-        "(registry=http); empty: in-process cache only",
+        "redis://host:port/db of a Redis shared by the replicas: a second cache tier "
+        "(registry=http) and the rate-limit buckets; empty: in-process cache and limits only",
         _redis_url,
     )
     redis_timeout: float = _setting(
         0.02,
-        "seconds one shared-cache operation may take before it counts as a miss",
+        "seconds one Redis operation may take before it counts as a miss (shared cache) or "
+        "the local bucket decides (rate limits)",
         between(0.001, 1),
     )
     redis_namespace: str = _setting(
-        "authz", "prefix of the shared cache's Redis keys", _header_name
+        "authz", "prefix of the Redis keys of the shared cache and rate limits", _header_name
+    )
+    rate_limits: bool = _setting(
+        True,
+        "enforce each client's rate_limit here (429 rate_limited); false: only pass it on in "
+        "the dynamic metadata, for Envoy's global rate-limit service",
+    )
+    rate_limit_headers: bool = _setting(
+        True,
+        "send a rate-limited client's RateLimit and RateLimit-Policy headers on allowed "
+        "answers too (429 answers always carry them)",
+    )
+    usage_ledger: bool = _setting(
+        False,
+        "keep a usage ledger per key and minute (checks, upstream responses, bytes) and send "
+        "it to the client registry (POST /v1/usage at AUTHZ_REGISTRY_URL, with "
+        "AUTHZ_REGISTRY_TOKEN), in any registry mode",
+    )
+    usage_flush_interval: float = _setting(
+        10.0,
+        "seconds between sends of the usage ledger's completed minutes to the registry",
+        between(0.05, 3600),
+    )
+    usage_max_buffered: int = _setting(
+        100_000,
+        "usage ledger entries (one key, one minute) held at most while they wait for the "
+        "registry; beyond, checks and upstream responses are not counted (and counted as "
+        "dropped)",
+        between(1, 10**7),
     )
     metrics_client_cap: int = _setting(
         1000,
@@ -282,6 +311,11 @@ class Settings:
             raise SettingsError(
                 "AUTHZ_REGISTRY_TIMEOUT (registry_timeout): must be below AUTHZ_CHECK_TIMEOUT "
                 f"({self.check_timeout}), or checks would time out before the registry does"
+            )
+        if self.usage_ledger and not self.registry_token:
+            raise SettingsError(
+                "AUTHZ_USAGE_LEDGER (usage_ledger): needs AUTHZ_REGISTRY_TOKEN, the service "
+                "token with which the ledger is sent to the registry at AUTHZ_REGISTRY_URL"
             )
         headers = (self.client_id_header, self.client_name_header, self.client_roles_header)
         if len(set(headers)) != len(headers):

@@ -302,6 +302,21 @@ def test_tracing_is_off_by_default_and_on_gives_the_pods_the_otel_variables(
     assert tracing.exporters_asked_for(rendered) == ["otlp_proto_grpc"]
 
 
+@pytest.mark.parametrize(
+    "registry",
+    [{"mode": "static"}, {"mode": "snapshot", "url": "http://registry:8081", "token": "t" * 32}],
+    ids=["static", "snapshot"],
+)
+def test_redis_is_given_in_every_registry_mode_for_the_rate_limits(
+    chart: helm.Chart, registry: dict[str, Any]
+) -> None:
+    """Redis holds the clients' rate-limit buckets whatever resolves the keys, so that a
+    limit holds across replicas."""
+    values = {"registry": registry, "redis": {"url": "redis://redis:6379/0"}}
+    names = {variable["name"] for variable in authz_container(render(chart, values))["env"]}
+    assert "AUTHZ_REDIS_URL" in names
+
+
 def test_the_dashboard_is_shipped_with_the_chart(chart: helm.Chart) -> None:
     dashboard = next(
         c
@@ -333,7 +348,6 @@ def test_the_notes_say_how_to_wire_envoy_and_istio(chart: helm.Chart) -> None:
             "needs the registry's service token",
         ),
         ({"keysFile": {"content": ""}}, "registry.mode=static needs the keys file"),
-        ({"redis": {"url": "redis://r:6379/0"}}, "redis is a cache for registry.mode=http"),
         (
             {"registry": {"timeout": 0.2}, "checkTimeout": 0.15},
             "registry.timeout (0.2) must be below checkTimeout (0.15)",

@@ -84,7 +84,8 @@ def test_the_provider_points_at_the_charts_service(provider: Any, port: str) -> 
 
 
 def test_the_http_provider_sends_and_passes_the_same_headers_as_the_envoy_sample() -> None:
-    """Istio's names for allowed_headers, allowed_upstream_headers, allowed_client_headers."""
+    """Istio's names for allowed_headers, allowed_upstream_headers, allowed_client_headers and
+    allowed_client_headers_on_success."""
     sample = yaml.safe_load(harness.FRONT_PROXY_HTTP.read_text())
     manager = sample["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     ext_authz = next(
@@ -101,6 +102,9 @@ def test_the_http_provider_sends_and_passes_the_same_headers_as_the_envoy_sample
     assert provider["includeRequestHeadersInCheck"] == names(ext_authz["allowed_headers"])
     assert provider["headersToUpstreamOnAllow"] == names(response["allowed_upstream_headers"])
     assert provider["headersToDownstreamOnDeny"] == names(response["allowed_client_headers"])
+    assert provider["headersToDownstreamOnAllow"] == names(
+        response["allowed_client_headers_on_success"]
+    )
     assert "pathPrefix" not in provider  # AUTHZ_HTTP_CHECK_PATH_PREFIX defaults to none
     assert Settings().http_check_path_prefix == ""
 

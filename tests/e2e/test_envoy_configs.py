@@ -30,6 +30,7 @@ DENY_HEADERS = [
     "ratelimit",
     "ratelimit-policy",
 ]
+SUCCESS_HEADERS = ["ratelimit", "ratelimit-policy"]  # a rate-limited client's quota, on allows
 METADATA_HEADERS = ["x-authz-client-id", "x-authz-client-name", "x-authz-key-id"]
 ROUTE_HEADERS = {
     "x-authz-route-required-roles": "billing,admin",
@@ -162,6 +163,7 @@ def test_http_answers_pass_identity_upstream_deny_headers_to_clients_and_metadat
     response = http_service(http_sample())["authorization_response"]
     assert exact(response["allowed_upstream_headers"]) == IDENTITY
     assert exact(response["allowed_client_headers"]) == DENY_HEADERS
+    assert exact(response["allowed_client_headers_on_success"]) == SUCCESS_HEADERS
     assert exact(response["dynamic_metadata_from_headers"]) == METADATA_HEADERS
 
 
@@ -204,3 +206,41 @@ def test_the_http_sample_routes_filters_and_paths_match_the_grpc_sample() -> Non
         "access_log",
     ):
         assert http[field] == grpc[field], field
+
+
+def test_the_rate_limit_sample_is_the_front_proxy_plus_envoys_rate_limit_service() -> None:
+    """envoy/front-proxy-ratelimit.yaml: after ext_authz, Envoy's ratelimit filter, with one
+    descriptor per identified client (client_id from our dynamic metadata) limited by the
+    client's own rate_limit (RateLimit.Override.DynamicMetadata, which our Check sets)."""
+    sample = load(harness.ROOT / "envoy" / "front-proxy-ratelimit.yaml")
+    (manager,) = managers(sample)
+    (grpc,) = managers(load(harness.FRONT_PROXY))
+    names = [f["name"] for f in manager["http_filters"]]
+    assert names == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.router",
+    ]
+    ratelimit = http_filter(manager, "envoy.filters.http.ratelimit")
+    assert ratelimit["domain"] == "authz-service"
+    (host,) = manager["route_config"]["virtual_hosts"]
+    ((actions, limit),) = [(r["actions"], r["limit"]) for r in host.pop("rate_limits")]
+    namespace = "envoy.filters.http.ext_authz"
+    assert actions == [
+        {
+            "metadata": {
+                "descriptor_key": "client_id",
+                "metadata_key": {"key": namespace, "path": [{"key": "client_id"}]},
+                "source": "DYNAMIC",
+                "skip_if_absent": True,
+            }
+        }
+    ]
+    assert limit == {
+        "dynamic_metadata": {"metadata_key": {"key": namespace, "path": [{"key": "rate_limit"}]}}
+    }
+    manager["http_filters"] = [f for f in manager["http_filters"] if f["name"] != names[2]]
+    assert manager == grpc
+    clusters = [c["name"] for c in sample["static_resources"]["clusters"]]
+    assert clusters == ["authz", "authz_access_log", "ratelimit", "upstream"]

@@ -12,11 +12,13 @@ from authz_service.breaker import CircuitBreaker
 from authz_service.changes import RecentChanges
 from authz_service.feed import ChangeFeed, FeedSettings
 from authz_service.health import Health
+from authz_service.limits import LocalBuckets, RateLimiter
 from authz_service.metrics import Metrics
 from authz_service.policy import NO_POLICY
 from authz_service.registry.http import HttpRegistry
 from authz_service.registry.snapshot import SnapshotRegistry
 from authz_service.resolver import CachingResolver, ResolverSettings
+from authz_service.usage import UsageLedger
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "helm/authz-service/files/grafana-dashboard.json"
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum")
@@ -24,7 +26,7 @@ _SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
 async def exposed_metric_names() -> set[str]:
     """Every metric family the service can expose: with the http registry, the snapshot, the
-    feed and a policy file in use."""
+    feed, a policy file, rate limits and the usage ledger in use."""
     metrics = Metrics()
     health = Health()
     http = HttpRegistry(
@@ -49,6 +51,8 @@ async def exposed_metric_names() -> set[str]:
     metrics.watch_feed(feed)
     metrics.watch_policy(lambda: NO_POLICY)
     metrics.watch_checks(FakeChecks())
+    metrics.watch_rate_limits(RateLimiter(LocalBuckets()))
+    metrics.watch_usage(UsageLedger(max_entries=1))
     return {family.name for family in metrics.registry.collect()}
 
 

@@ -11,7 +11,7 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
 from authz_service.answers import AnswerSettings, sanitize
 from authz_service.envoy_codec import Encoder, decode
-from authz_service.model import Client, Decision, Request
+from authz_service.model import Client, Decision, Quota, RateLimit, Request
 from authz_service.reasons import OUTCOMES, Reason
 
 
@@ -248,6 +248,81 @@ class TestEncodeDeny:
         for decision in (Decision.allow(CLIENT), Decision.deny(Reason.UNKNOWN_KEY)):
             response = ENCODER.encode(decision)
             assert CheckResponse.FromString(response.SerializeToString()) == response
+
+
+LIMIT = RateLimit(5, "second")
+LIMITED = Client("c-5", "Limited", (), LIMIT)
+
+
+def limited_allow(remaining: int, reset: int = 1) -> Decision:
+    return Decision.allow(LIMITED, key_id="0123456789ab")._replace(
+        quota=Quota(LIMIT, remaining, reset, shared=False)
+    )
+
+
+class TestEncodeRateLimits:
+    def test_a_limited_clients_allow_tells_the_client_its_quota(self) -> None:
+        """RateLimit headers go to the client with the upstream's response (not upstream),
+        in the structured-field form of draft-ietf-httpapi-ratelimit-headers-10."""
+        response = ENCODER.encode(limited_allow(3))
+        assert headers_of(response.ok_response.response_headers_to_add) == {
+            "ratelimit-policy": '"client";q=5;w=1',
+            "ratelimit": '"client";r=3;t=1',
+        }
+        assert set(headers_of(response.ok_response.headers)) == {"x-client-id", "x-client-name"}
+
+    def test_the_quota_changes_per_check_and_the_cached_allow_does_not(self) -> None:
+        """Each check gets its own quota; the allow built for the client is never changed."""
+        first, second = ENCODER.encode(limited_allow(3)), ENCODER.encode(limited_allow(2))
+        assert headers_of(second.ok_response.response_headers_to_add)["ratelimit"] == (
+            '"client";r=2;t=1'
+        )
+        assert headers_of(first.ok_response.response_headers_to_add)["ratelimit"] == (
+            '"client";r=3;t=1'
+        )
+        plain = ENCODER.encode(Decision.allow(LIMITED, key_id="0123456789ab"))
+        assert not plain.ok_response.response_headers_to_add
+
+    def test_headers_on_allowed_answers_can_be_turned_off(self) -> None:
+        encoder = Encoder(AnswerSettings(), quota_headers_on_allow=False)
+        response = encoder.encode(limited_allow(3))
+        assert not response.ok_response.response_headers_to_add
+        assert response is encoder.encode(limited_allow(2))  # cached as for any client
+
+    def test_the_limit_travels_in_dynamic_metadata_in_envoys_override_shape(self) -> None:
+        """RateLimit.Override.DynamicMetadata: requests_per_unit and Envoy's unit name."""
+        response = ENCODER.encode(Decision.allow(LIMITED, key_id="0123456789ab"))
+        metadata = response.dynamic_metadata
+        assert dict(metadata["rate_limit"]) == {"requests_per_unit": 5, "unit": "SECOND"}
+        assert metadata["key_id"] == "0123456789ab"
+        assert "rate_limit" not in dict(ENCODER.encode(Decision.allow(CLIENT)).dynamic_metadata)
+
+    def test_a_rate_limited_check_is_a_429_with_retry_after_and_the_quota(self) -> None:
+        """The same JSON body as every deny, and the headers the client needs to back off."""
+        decision = Decision(
+            False,
+            Reason.RATE_LIMITED,
+            LIMITED,
+            None,
+            None,
+            "0123456789ab",
+            Quota(LIMIT, 0, 1, shared=True),
+        )
+        response = ENCODER.encode(decision)
+        assert (response.status.code, response.denied_response.status.code) == (8, 429)
+        headers = headers_of(response.denied_response.headers)
+        assert headers["x-ext-authz-reason"] == "rate_limited"
+        assert headers["retry-after"] == "1"
+        assert headers["ratelimit"] == '"client";r=0;t=1'
+        assert headers["ratelimit-policy"] == '"client";q=5;w=1'
+        assert json.loads(response.denied_response.body) == {
+            "error": "too_many_requests",
+            "reason": "rate_limited",
+            "message": OUTCOMES[Reason.RATE_LIMITED].message,
+        }
+        assert "retry-after" not in headers_of(
+            ENCODER.encode(Decision.deny(Reason.FORBIDDEN, CLIENT)).denied_response.headers
+        )
 
 
 @pytest.mark.parametrize(

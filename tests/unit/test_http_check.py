@@ -16,8 +16,9 @@ from authz_service.answers import AnswerSettings
 from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
 from authz_service.http_check import MAX_HEADERS, HttpCheckServer, HttpCheckSettings
+from authz_service.limits import LocalBuckets, RateLimiter
 from authz_service.metrics import Metrics
-from authz_service.model import Client
+from authz_service.model import Client, RateLimit
 from authz_service.policy import parse
 from tests.fakes import FakeRegistry
 
@@ -67,6 +68,8 @@ async def server(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     async def start(
         registry: FakeRegistry | None = None,
         metrics: Metrics | None = None,
+        limits: RateLimiter | None = None,
+        quota_headers_on_allow: bool = True,
         **settings: object,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         checker = Checker(
@@ -75,8 +78,14 @@ async def server(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
             asyncio.get_running_loop(),
             metrics,
             policy=lambda: POLICY,
+            limits=limits,
         )
-        http = HttpCheckServer(checker, AnswerSettings(), HttpCheckSettings(**settings))  # type: ignore[arg-type]
+        http = HttpCheckServer(
+            checker,
+            AnswerSettings(),
+            HttpCheckSettings(**settings),  # type: ignore[arg-type]
+            quota_headers_on_allow,
+        )
         port = await http.start("127.0.0.1:0")
         started.append(http)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -130,6 +139,40 @@ async def test_a_deny_carries_the_status_headers_and_body_of_the_grpc_path(
     assert forbidden.status == 403
     assert forbidden.header("x-ext-authz-rule") == "admin"
     assert json.loads(forbidden.body)["rule"] == "admin"
+
+
+async def test_a_rate_limited_client_gets_its_quota_then_a_429(server: Serve) -> None:
+    """Allowed answers carry RateLimit headers (Envoy's allowed_client_headers_on_success
+    passes them to the client); over the limit, 429 with retry-after and the same headers."""
+    limited = Client("c-5", "Limited", (), RateLimit(2, "minute"))
+    reader, writer = await server(
+        FakeRegistry({KEY: limited}, in_memory=True), limits=RateLimiter(LocalBuckets())
+    )
+    answers = []
+    for _ in range(3):
+        writer.write(keyed())
+        answers.append(await read_answer(reader))
+    assert [a.status for a in answers] == [200, 200, 429]
+    assert answers[0].header("ratelimit-policy") == '"client";q=2;w=60'
+    assert answers[0].header("ratelimit") == '"client";r=1;t=30'
+    assert answers[0].header("x-client-id") == "c-5"
+    over = answers[2]
+    assert over.header("x-ext-authz-reason") == "rate_limited"
+    assert over.header("retry-after") == over.header("ratelimit").rpartition("t=")[2]  # type: ignore[union-attr]
+    assert json.loads(over.body)["reason"] == "rate_limited"
+
+
+async def test_quota_headers_on_allowed_answers_can_be_turned_off(server: Serve) -> None:
+    limited = Client("c-5", "Limited", (), RateLimit(2, "minute"))
+    reader, writer = await server(
+        FakeRegistry({KEY: limited}, in_memory=True),
+        limits=RateLimiter(LocalBuckets()),
+        quota_headers_on_allow=False,
+    )
+    writer.write(keyed())
+    answer = await read_answer(reader)
+    assert answer.status == 200
+    assert answer.header("ratelimit") is None
 
 
 async def test_answers_come_in_order_on_a_kept_alive_connection(server: Serve) -> None:

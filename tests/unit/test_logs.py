@@ -7,8 +7,14 @@ import json
 import logging
 import time
 
-from authz_service.logs import BatchingHandler, JsonFormatter, _DecisionRecord, decision
-from authz_service.model import Client, Decision, Request, Trace
+from authz_service.logs import (
+    DECISION_FIELDS,
+    BatchingHandler,
+    JsonFormatter,
+    _DecisionRecord,
+    decision,
+)
+from authz_service.model import Client, Decision, Quota, RateLimit, Request, Trace
 from authz_service.reasons import Reason
 
 
@@ -146,3 +152,40 @@ def test_redacting_a_decision_field_still_gives_a_whole_line() -> None:
     assert {k: v for k, v in direct.items() if k not in {"path", "ts"}} == {
         k: v for k, v in redacted_line.items() if k not in {"path", "ts"}
     }
+
+
+def test_a_rate_limited_decision_records_the_limit_what_is_left_and_where_it_was_counted() -> None:
+    """rate_limit, rate_limit_remaining, rate_limit_mode and the shared bucket's wait; the
+    direct rendering and the generic path agree, and checks without a limit say null."""
+    request = Request(is_http=True, method="GET", host="h", path="/p")
+    limit = RateLimit(5, "second")
+    limited = Decision(
+        False, Reason.RATE_LIMITED, Client("c", "C"), None, None, "k", Quota(limit, 0, 1, True)
+    )
+    lines = []
+    for redacted in (("authorization",), ("path",)):
+        stream = io.StringIO()
+        handler = BatchingHandler(stream, JsonFormatter(redacted), interval=60)
+        handler.handle(_DecisionRecord(request, limited, 0.001, Trace(rate_limit_seconds=0.0004)))
+        handler.handle(_DecisionRecord(request, Decision.allow(Client("c", "C")), 0.001, Trace()))
+        fell_back = limited._replace(quota=Quota(limit, 0, 1, False))  # Redis failed after 20 ms
+        handler.handle(_DecisionRecord(request, fell_back, 0.001, Trace(rate_limit_seconds=0.02)))
+        handler.handle(_DecisionRecord(request, fell_back, 0.001, Trace()))  # no Redis at all
+        handler.close()
+        lines.append([json.loads(line) for line in stream.getvalue().splitlines()])
+    direct, generic = (
+        [{k: v for k, v in line.items() if k not in {"ts", "path"}} for line in rendered]
+        for rendered in lines
+    )
+    assert direct == generic
+    for with_limit, without, fell_back, local in lines:
+        assert (fell_back["rate_limit_mode"], fell_back["rate_limit_ms"]) == ("local", 20.0)
+        assert (local["rate_limit_mode"], local["rate_limit_ms"]) == ("local", None)
+        assert {k: with_limit[k] for k in with_limit if k.startswith("rate_limit")} == {
+            "rate_limit": "5/second",
+            "rate_limit_remaining": 0,
+            "rate_limit_mode": "shared",
+            "rate_limit_ms": 0.4,
+        }
+        assert [without[k] for k in without if k.startswith("rate_limit")] == [None] * 4
+    assert set(lines[0][0]) == DECISION_FIELDS

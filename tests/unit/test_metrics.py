@@ -6,8 +6,9 @@ from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
 from authz_service.envoy_codec import UpstreamRecord, decode_access_logs
+from authz_service.limits import LocalBuckets, RateLimiter
 from authz_service.metrics import Metrics
-from authz_service.model import Client, Decision
+from authz_service.model import Client, Decision, Quota, RateLimit
 from authz_service.reasons import Reason
 
 
@@ -57,12 +58,20 @@ def test_dry_run_denials_are_counted_by_rule_and_client() -> None:
 
 
 def entry(
-    client_id: str | None = None, header: str | None = None, status: int = 200, body: int = 10
+    client_id: str | None = None,
+    header: str | None = None,
+    status: int = 200,
+    body: int = 10,
+    metadata: dict[str, str] | None = None,
 ) -> HTTPAccessLogEntry:
     log = HTTPAccessLogEntry()
     if client_id is not None:
         log.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].update(
             {"client_id": client_id}
+        )
+    if metadata is not None:
+        log.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].update(
+            metadata
         )
     if header is not None:
         log.request.request_headers["x-client-id"] = header
@@ -88,6 +97,39 @@ def test_access_log_entries_are_attributed_by_our_dynamic_metadata() -> None:
     assert records[0] == UpstreamRecord("acme", 200, 3, 10)
     with_header = decode_access_logs(message(entry(header="x")), client_header="x-client-id")
     assert with_header[0].client_id == "x"
+
+
+def test_access_log_entries_name_the_key_our_check_allowed_in_either_transport() -> None:
+    """gRPC: our dynamic metadata's key_id; HTTP: the x-authz-key-id answer header, which
+    Envoy stores as metadata under its own name."""
+    records = decode_access_logs(
+        message(
+            entry(metadata={"client_id": "acme", "key_id": "0123456789ab"}),
+            entry(metadata={"x-authz-client-id": "acme", "x-authz-key-id": "ba9876543210"}),
+            entry(header="acme"),
+        ),
+        client_header="x-client-id",
+    )
+    assert [(r.client_id, r.key_id) for r in records] == [
+        ("acme", "0123456789ab"),
+        ("acme", "ba9876543210"),
+        ("acme", None),
+    ]
+
+
+def test_checks_of_rate_limited_clients_are_counted_by_where_the_bucket_was() -> None:
+    metrics = Metrics()
+    limits = RateLimiter(LocalBuckets())
+    metrics.watch_rate_limits(limits)
+    limit = RateLimit(5, "second")
+    allowed = Decision.allow(Client("c", "C", (), limit))
+    metrics.decision(allowed._replace(quota=Quota(limit, 4, 1, shared=True)), 0.001, 0)
+    metrics.decision(allowed._replace(quota=Quota(limit, 3, 1, shared=False)), 0.001, 0)
+    metrics.decision(allowed, 0.001, 0)
+    assert sample(metrics, "authz_rate_limit_checks_total", {"mode": "shared"}) == 1
+    assert sample(metrics, "authz_rate_limit_checks_total", {"mode": "local"}) == 1
+    assert sample(metrics, "authz_rate_limit_mode", {"mode": "local"}) == 1
+    assert sample(metrics, "authz_rate_limit_mode", {"mode": "shared"}) == 0
 
 
 def test_upstream_responses_are_counted_by_status_class_with_body_bytes() -> None:

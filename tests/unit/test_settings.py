@@ -66,6 +66,18 @@ def test_the_environment_overrides_the_config_file(tmp_path: Path) -> None:
         ({"AUTHZ_CLIENT_NAME_HEADER": "x-client-id"}, "three different names"),
         ({"AUTHZ_REALM": "é"}, "AUTHZ_REALM (realm): 1-64 printable ASCII"),
         ({"AUTHZ_LOG_LEVEL": "loud"}, "AUTHZ_LOG_LEVEL (log_level): expected one of"),
+        (
+            {"AUTHZ_USAGE_LEDGER": "true"},
+            "AUTHZ_USAGE_LEDGER (usage_ledger): needs AUTHZ_REGISTRY_TOKEN",
+        ),
+        (
+            {"AUTHZ_USAGE_FLUSH_INTERVAL": "0"},
+            "AUTHZ_USAGE_FLUSH_INTERVAL (usage_flush_interval): must be between",
+        ),
+        (
+            {"AUTHZ_USAGE_MAX_BUFFERED": "0"},
+            "AUTHZ_USAGE_MAX_BUFFERED (usage_max_buffered): must be between",
+        ),
     ],
 )
 def test_invalid_values_are_refused_naming_the_setting(
@@ -75,6 +87,13 @@ def test_invalid_values_are_refused_naming_the_setting(
     with pytest.raises(SettingsError) as error:
         load(environ=environ)
     assert message in str(error.value)
+
+
+def test_the_usage_ledger_works_in_any_registry_mode_given_a_token() -> None:
+    """It only needs somewhere to send the ledger: the registry's URL and service token."""
+    settings = load(environ={"AUTHZ_USAGE_LEDGER": "true", "AUTHZ_REGISTRY_TOKEN": "t"})
+    assert (settings.registry, settings.usage_ledger) == ("static", True)
+    assert (settings.rate_limits, settings.rate_limit_headers) == (True, True)
 
 
 def test_unix_sockets_are_accepted_for_grpc() -> None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from authz_service import apikeys
-from authz_service.model import ApiKey, Client, Credential
+from authz_service.model import ApiKey, Client, Credential, RateLimit
 from authz_service.reasons import Reason
 from authz_service.registry.static_file import (
     KeysFileError,
@@ -49,6 +49,15 @@ class TestParse:
         assert record.client == Client(client_id="c-1", name="One", roles=("b", "a"))
         assert record.enabled
         assert record.expires_at is None
+
+    def test_a_client_may_carry_a_rate_limit(self) -> None:
+        """The registry's shape: requests_per_unit and a unit; every key of the client has it."""
+        limit = {"requests_per_unit": 100, "unit": "minute"}
+        records = parse(
+            document(entry(rate_limit=limit), entry(sha256="b" * 64, rate_limit=limit)), "f"
+        )
+        assert {r.client.rate_limit for r in records.values()} == {RateLimit(100, "minute")}
+        assert parse(document(entry()), "f")[HASH].client.rate_limit is None
 
     def test_an_empty_file_has_no_keys(self) -> None:
         """An empty file is valid and denies everything."""
@@ -130,6 +139,23 @@ class TestParse:
             (
                 document(entry(), entry(sha256="b" * 64, client_name="Other")),
                 "f: keys[1].client_name: client 'c-1' is named 'One' in keys[0]",
+            ),
+            (
+                document(entry(rate_limit={"requests_per_unit": 0, "unit": "second"})),
+                "f: keys[0].rate_limit: expected {requests_per_unit: 1-1000000000, "
+                "unit: second|minute|hour|day}",
+            ),
+            (
+                document(entry(rate_limit={"requests_per_unit": 5, "unit": "week"})),
+                "f: keys[0].rate_limit: expected",
+            ),
+            (document(entry(rate_limit="5/second")), "f: keys[0].rate_limit: expected"),
+            (
+                document(
+                    entry(rate_limit={"requests_per_unit": 5, "unit": "second"}),
+                    entry(sha256="b" * 64),
+                ),
+                "f: keys[1].rate_limit: client 'c-1' has 5/second in keys[0]",
             ),
         ],
     )
@@ -247,6 +273,14 @@ class TestAddKey:
             apikeys.hash_key(second),
         }
 
+    def test_another_key_of_a_rate_limited_client_gets_its_limit(self, tmp_path: Path) -> None:
+        """The limit is the client's, not the key's."""
+        path = tmp_path / "keys.yaml"
+        add_key(path, "c-1", "One", rate_limit=RateLimit(5, "second"))
+        second = add_key(path, "c-1", "One")
+        client = parse(path.read_text(), "f")[apikeys.hash_key(second)].client
+        assert client.rate_limit == RateLimit(5, "second")
+
     def test_an_invalid_entry_is_refused_and_nothing_is_written(self, tmp_path: Path) -> None:
         """A bad client id leaves the file as it was."""
         path = tmp_path / "keys.yaml"
@@ -342,6 +376,13 @@ class TestRotateKey:
         assert client_keys(path, "c-1") == {old: (False, None), new: (True, None)}
         records = parse(path.read_text(), "f")
         assert records[apikeys.hash_key(new_key)].client == Client("c-1", "One", ("reader",))
+
+    def test_the_new_key_keeps_the_clients_rate_limit(self, tmp_path: Path) -> None:
+        path = tmp_path / "keys.yaml"
+        add_key(path, "c-1", "One", rate_limit=RateLimit(5, "second"))
+        new_key, _ = rotate_key(path, "c-1", now=1000.0)
+        client = parse(path.read_text(), "f")[apikeys.hash_key(new_key)].client
+        assert client.rate_limit == RateLimit(5, "second")
 
     def test_the_old_keys_may_keep_working_until_an_expiry(self, tmp_path: Path) -> None:
         """With an expiry the old keys stay enabled and get expires_at, in UTC."""

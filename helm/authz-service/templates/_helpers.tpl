@@ -83,9 +83,6 @@ Contradictions that the schema cannot express fail the render here, each with th
   {{- if and (not $v.keysFile.existingSecret) (not $v.keysFile.content) -}}
     {{- fail "registry.mode=static needs the keys file: set keysFile.existingSecret or keysFile.content (authz-service keys add writes one)" -}}
   {{- end -}}
-  {{- if or $v.redis.url $v.redis.existingSecret -}}
-    {{- fail "redis is a cache for registry.mode=http; with registry.mode=static there is nothing to share" -}}
-  {{- end -}}
 {{- else -}}
   {{- if not (include "authz.registryUrl" .) -}}
     {{- fail (printf "registry.mode=%s needs registry.url, or registryServer.enabled=true" $v.registry.mode) -}}
@@ -95,9 +92,6 @@ Contradictions that the schema cannot express fail the render here, each with th
   {{- end -}}
   {{- if $v.keysFile.existingSecret -}}
     {{- fail (printf "keysFile is only read with registry.mode=static, not %s: remove keysFile.existingSecret" $v.registry.mode) -}}
-  {{- end -}}
-  {{- if and (eq $v.registry.mode "snapshot") (or $v.redis.url $v.redis.existingSecret) -}}
-    {{- fail "redis is a cache for registry.mode=http; registry.mode=snapshot keeps every key in memory" -}}
   {{- end -}}
 {{- end -}}
 {{- if and $v.redis.url $v.redis.existingSecret -}}

@@ -21,8 +21,17 @@ from typing import Any, TypeVar
 import yaml
 
 from authz_service import apikeys, credentials
-from authz_service.contract import CLIENT_ID_PATTERN, MAX_NAME_LENGTH, MAX_ROLES, ROLE_PATTERN
-from authz_service.model import Client, Credential
+from authz_service.contract import (
+    CLIENT_ID_PATTERN,
+    MAX_NAME_LENGTH,
+    MAX_REQUESTS_PER_UNIT,
+    MAX_ROLES,
+    RATE_UNITS,
+    ROLE_PATTERN,
+    ContractError,
+    parse_rate_limit,
+)
+from authz_service.model import Client, Credential, RateLimit
 from authz_service.reasons import Reason
 from authz_service.watched_file import WatchedFile
 
@@ -35,7 +44,9 @@ _SHA256_PATTERN = re.compile(rf"[0-9a-f]{{{_SHA256_LENGTH}}}")
 _HEX = re.compile(r"[0-9a-fA-F]+")
 KEY_ID_LENGTH = credentials.KEY_ID_LENGTH  # as in the decision log's key_id
 _MIN_KEY_ID_LENGTH = 6
-_ENTRY_FIELDS = frozenset({"sha256", "client_id", "client_name", "roles", "enabled", "expires_at"})
+_ENTRY_FIELDS = frozenset(
+    {"sha256", "client_id", "client_name", "roles", "enabled", "expires_at", "rate_limit"}
+)
 _HEADER = (
     "# authz-service keys file: SHA-256 hashes of API keys, never the keys themselves.\n"
     "# Manage it with: authz-service keys add|list|revoke|rotate (see authz-service keys --help)\n"
@@ -95,18 +106,23 @@ def parse_with_warnings(text: str, source: str) -> tuple[dict[str, KeyRecord], l
         warnings.append(f"{source}: no keys, so every check is denied unknown_key")
 
     records: dict[str, KeyRecord] = {}
-    names: dict[str, tuple[str, int]] = {}
+    clients: dict[str, tuple[Client, int]] = {}
     for index, entry in enumerate(entries):
         where = f"{source}: keys[{index}]"
         key_hash, record = _parse_entry(entry, where)
         if key_hash in records:
             raise KeysFileError(f"{where}.sha256: the same key hash appears twice")
         client = record.client
-        first = names.setdefault(client.client_id, (client.name, index))
-        if first[0] != client.name:
+        first, first_index = clients.setdefault(client.client_id, (client, index))
+        if first.name != client.name:
             raise KeysFileError(
-                f"{where}.client_name: client {client.client_id!r} is named {first[0]!r} "
-                f"in keys[{first[1]}]"
+                f"{where}.client_name: client {client.client_id!r} is named {first.name!r} "
+                f"in keys[{first_index}]"
+            )
+        if first.rate_limit != client.rate_limit:  # a limit is the client's, not a key's
+            raise KeysFileError(
+                f"{where}.rate_limit: client {client.client_id!r} has "
+                f"{_limit_text(first.rate_limit)} in keys[{first_index}]"
             )
         records[key_hash] = record
     return records, warnings
@@ -142,8 +158,19 @@ def _parse_entry(entry: Any, where: str) -> tuple[str, KeyRecord]:
     if not isinstance(enabled, bool):
         raise KeysFileError(f"{where}.enabled: expected true or false")
     expires_at = _parse_expiry(entry.get("expires_at"), f"{where}.expires_at")
-    client = Client(client_id=client_id, name=name, roles=tuple(dict.fromkeys(roles)))
+    try:
+        rate_limit = parse_rate_limit(entry.get("rate_limit"))
+    except ContractError:
+        raise KeysFileError(
+            f"{where}.rate_limit: expected {{requests_per_unit: 1-{MAX_REQUESTS_PER_UNIT}, "
+            f"unit: {'|'.join(RATE_UNITS)}}}"
+        ) from None
+    client = Client(client_id, name, tuple(dict.fromkeys(roles)), rate_limit)
     return key_hash, KeyRecord(client=client, enabled=enabled, expires_at=expires_at)
+
+
+def _limit_text(limit: RateLimit | None) -> str:
+    return "no rate_limit" if limit is None else f"{limit.requests_per_unit}/{limit.unit}"
 
 
 def _key_hash(value: object, where: str) -> str:
@@ -193,12 +220,21 @@ def add_key(
     client_name: str,
     roles: tuple[str, ...] = (),
     prefix: str = apikeys.DEFAULT_PREFIX,
+    *,
+    rate_limit: RateLimit | None = None,
 ) -> str:
-    """Generate a key, append its hash to the keys file (created if missing), return the key."""
+    """Generate a key, append its hash to the keys file (created if missing), return the key.
+    A client's rate limit is the client's: without ``rate_limit``, a new key of a client that
+    has one gets it too."""
     key = apikeys.generate(prefix)
 
     def add(entries: list[dict[str, Any]]) -> None:
-        entries.append(_new_entry(key, client_id, client_name, roles))
+        limit: Any = rate_limit._asdict() if rate_limit is not None else None
+        if limit is None:
+            limit = next(
+                (e.get("rate_limit") for e in entries if e.get("client_id") == client_id), None
+            )
+        entries.append(_new_entry(key, client_id, client_name, roles, limit))
 
     _edit(path, add, missing_ok=True)
     return key
@@ -256,14 +292,20 @@ def rotate_key(
             retired.append(key_id(entry["sha256"]))
         latest = own[-1]
         roles = tuple(latest.get("roles") or ())
-        entries.append(_new_entry(key, client_id, str(latest["client_name"]), roles))
+        entries.append(
+            _new_entry(key, client_id, str(latest["client_name"]), roles, latest.get("rate_limit"))
+        )
         return retired
 
     return key, _edit(path, rotate)
 
 
 def _new_entry(
-    key: str, client_id: str, client_name: str, roles: tuple[str, ...]
+    key: str,
+    client_id: str,
+    client_name: str,
+    roles: tuple[str, ...],
+    rate_limit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "sha256": apikeys.hash_key(key),
@@ -273,6 +315,8 @@ def _new_entry(
     }
     if roles:
         entry["roles"] = list(roles)
+    if rate_limit is not None:
+        entry["rate_limit"] = dict(rate_limit)
     return entry
 
 
