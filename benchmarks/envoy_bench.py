@@ -16,9 +16,10 @@ Ours is one process serving both transports, as deployed: a static keys file, de
 logging at info and the metrics port on. The Envoy configs are envoy/front-proxy.yaml and
 envoy/front-proxy-http.yaml with their ext_authz filter, timeouts and header lists unchanged;
 only the upstream cluster gives way to direct_response routes, the access-log service is left
-out (it costs the same on every path), and the two paths without ext_authz drop that filter
-(native puts api_key_auth in its place). Every config passes ``envoy --mode validate`` first,
-and every path must allow a request with the key, and native and ours deny one without it.
+out (it would add one cost to every path, and charge ours for paths that never ask it), and the
+two paths without ext_authz drop that filter (native puts api_key_auth in its place). Every
+config passes ``envoy --mode validate`` first, every path must allow a request with the key,
+and native and ours must deny one without it.
 
 Each round measures every path in turn (interleaved, so the machine's drift hits all of them):
 
@@ -26,12 +27,19 @@ Each round measures every path in turn (interleaved, so the machine's drift hits
   --warmup; it gives requests/s and p50/p99. CPU per request, Envoy's and the authz server's,
   is user + system time from /proc/PID/stat over wrk's run, divided by wrk's request count;
 - open loop: --rate requests/s for --seconds (``open_loop.py``: latency from each request's
-  due time, so no coordinated omission), for the p99 each ext_authz path adds over Envoy alone.
+  due time, so no coordinated omission), for the p99 each path adds over Envoy alone. How late
+  the generator's own sends were is printed too: when the machine holds it up, that much of
+  every latency figure is the machine's.
 
-Pinning (2 cores): Envoy and the authz servers share --server-cpus (default core 0), wrk and
-this script's load generator get --load-cpus (core 1). A request then costs the serving core
-Envoy's time plus the authz server's, as it would a sidecar's, and the load never competes
-with what it measures. Requests/s is therefore Envoy plus authz CPU per request, inverted.
+Answers other than 2xx (wrk), or 200 (open loop), are counted in "failed"; Envoy's counters
+then say what they were.
+
+Pinning, on this 2-core machine: Envoy (--envoy-cpus) and the authz servers (--authz-cpus)
+share core 0, and wrk and this script, which runs the open-loop generator, get core 1
+(--load-cpus). So the load never competes with what it measures, and each request costs the
+serving core Envoy's time plus the authz server's, as a sidecar's would: requests/s is their
+CPU per request, inverted, on one core. (Envoy and the authz server on separate cores, with
+the load sharing one of them, gave noisier figures: the load and the server then compete.)
 
 Ratios are paired: taken within each round (the two paths ran back to back), then the median
 over rounds, with the range. The table shows each figure's median over rounds.
@@ -69,6 +77,7 @@ PATH = "/v1/orders/12345?expand=items"
 HOST = "api.example.com"
 DIRECT_RESPONSE = {"status": 200, "body": {"inline_string": "ok"}}
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+LATE_WARNING_MS = 0.25  # sends later than this (p99) mean a busy machine, not a slow path
 
 ALONE, NATIVE = "Envoy alone", "native api_key_auth"
 GRPC_BARE, GRPC_OURS = "gRPC -> bare thread-pool", "gRPC -> ours"
@@ -560,6 +569,11 @@ def report(
     late = max(o.late_p99_ms for t in targets.values() for o in t.open)
     print()
     print(f"The open-loop sends were at most {late:.2f} ms late (p99 of the worst measurement).")
+    if late > LATE_WARNING_MS:
+        print(
+            "The generator was held up by the machine, not by what it measures: the fixed-rate "
+            "latencies carry that much of the machine's noise."
+        )
 
     goals = [
         Ratio(
