@@ -277,7 +277,7 @@ def wrk(name: str, port: int, key: str, seconds: int, args: argparse.Namespace) 
     out = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 30, check=True
     ).stdout
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
     requests = re.search(r"^\s+(\d+) requests in", out, re.MULTILINE)
     rate = re.search(r"^Requests/sec:\s+([\d.]+)$", out, re.MULTILINE)
     if requests is None or rate is None or len(latency) != 2:
