@@ -23,13 +23,15 @@ and native and ours must deny one without it.
 
 Each round measures every path in turn (interleaved, so the machine's drift hits all of them):
 
-- closed loop: wrk (Debian's), 1 thread and --connections connections, for --seconds after a
-  --warmup; it gives requests/s and p50/p99. CPU per request, Envoy's and the authz server's,
-  is user + system time from /proc/PID/stat over wrk's run, divided by wrk's request count;
+- closed loop: wrk (Debian's), 1 thread and --connections connections, for --seconds (every
+  path had --warmup seconds of it before the first round); it gives requests/s and p50/p99.
+  CPU per request, Envoy's and the authz server's, is user + system time from /proc/PID/stat
+  over wrk's run, divided by wrk's request count;
 - open loop: --rate requests/s for --seconds (``open_loop.py``: latency from each request's
-  due time, so no coordinated omission), for the p99 each path adds over Envoy alone. How late
-  the generator's own sends were is printed too: when the machine holds it up, that much of
-  every latency figure is the machine's.
+  due time, so no coordinated omission), for the p99 each path adds over Envoy alone; the
+  first 0.2 s, while its connections open, are not counted. How late the generator's own
+  sends were is printed too: when the machine holds it up, that much of every latency figure
+  is the machine's.
 
 Answers other than 2xx (wrk), or 200 (open loop), are counted in "failed"; Envoy's counters
 then say what they were.
@@ -77,6 +79,7 @@ PATH = "/v1/orders/12345?expand=items"
 HOST = "api.example.com"
 DIRECT_RESPONSE = {"status": 200, "body": {"inline_string": "ok"}}
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+OPEN_LOOP_LEAD_IN = 0.2  # seconds of open-loop load not counted, while connections open
 LATE_WARNING_MS = 0.25  # sends later than this (p99) mean a busy machine, not a slow path
 
 ALONE, NATIVE = "Envoy alone", "native api_key_auth"
@@ -424,7 +427,6 @@ def check_paths(targets: dict[str, Target], key: str) -> None:
 
 # --- measuring --------------------------------------------------------------------------------
 def measure_closed(target: Target, key: str, args: argparse.Namespace) -> Closed:
-    wrk(target.name, target.port, key, args.warmup, args)
     pids = [target.envoy.pid] + ([target.authz.process.pid] if target.authz else [])
     before = [cpu_seconds(pid) for pid in pids]
     figures = wrk(target.name, target.port, key, args.seconds, args)
@@ -447,7 +449,7 @@ def measure_open(target: Target, request: bytes, args: argparse.Namespace) -> Op
         request,
         rate=args.rate,
         seconds=args.seconds,
-        warmup=args.warmup,
+        warmup=OPEN_LOOP_LEAD_IN,
         connections=args.connections,
     )
     return Open(
@@ -462,7 +464,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--seconds", type=int, default=6, help="each measurement's length")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured load before each")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="seconds of unmeasured load per path, first"
+    )
     parser.add_argument("--connections", type=int, default=32, help="client connections")
     parser.add_argument("--rate", type=float, default=1000, help="the fixed rate, requests/s")
     parser.add_argument("--envoy-cpus", default="0", help="CPUs for Envoy (a taskset list)")
@@ -483,6 +487,8 @@ def main() -> None:
         servers = start_servers(stack, workdir, keys_file, args.authz_cpus)
         targets = start_envoys(stack, workdir, key, servers, args.envoy_cpus)
         check_paths(targets, key)
+        for target in targets.values():
+            wrk(target.name, target.port, key, args.warmup, args)
         load_before = os.getloadavg()
         for _ in range(args.rounds):  # interleaved: the machine's drift hits every path
             for target in targets.values():
@@ -544,9 +550,10 @@ def report(
 
     med = statistics.median
     print(
-        f"Median of {args.rounds} interleaved rounds, {args.seconds} s per path after "
-        f"{args.warmup} s of warm-up. Closed loop: wrk, 1 thread, {args.connections} "
-        f"connections. Open loop: {args.rate:g} requests/s. Envoy --concurrency 1. CPUs: "
+        f"Median of {args.rounds} interleaved rounds, {args.seconds} s per path and load "
+        f"(after {args.warmup} s of warm-up per path). Closed loop: wrk, 1 thread, "
+        f"{args.connections} connections. Open loop: {args.rate:g} requests/s. "
+        "Envoy --concurrency 1. CPUs: "
         f"Envoy {args.envoy_cpus}, authz servers {args.authz_cpus}, load {args.load_cpus}. "
         f"Load average {load_before:.2f} before, {load_after:.2f} after."
     )
