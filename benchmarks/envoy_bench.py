@@ -33,8 +33,9 @@ Each round measures every path in turn (interleaved, so the machine's drift hits
   sends were is printed too: when the machine holds it up, that much of every latency figure
   is the machine's.
 
-Answers other than 2xx (wrk), or 200 (open loop), are counted in "failed"; Envoy's counters
-then say what they were.
+"failed" counts answers other than 2xx (wrk) or 200 (open loop), then wrk's socket errors
+(connect, read, write, and answers later than its 2 s timeout); for a path with failed answers,
+Envoy's failure counters over the rounds say what they were.
 
 Pinning, on this 2-core machine: Envoy (--envoy-cpus) and the authz servers (--authz-cpus)
 share core 0, and wrk and this script, which runs the open-loop generator, get core 1
@@ -59,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -242,7 +244,8 @@ class Closed:
     p99_ms: float
     envoy_us: float  # Envoy CPU per request
     authz_us: float | None  # the authz server's CPU per request
-    failed: int  # answers other than 2xx, and socket errors
+    failed: int  # answers other than 2xx
+    socket_errors: int  # wrk's: connect, read, write, timeout
 
 
 @dataclass
@@ -262,6 +265,7 @@ class Wrk:
     p50_ms: float
     p99_ms: float
     failed: int
+    socket_errors: int
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
@@ -291,14 +295,13 @@ def wrk(name: str, port: int, key: str, seconds: int, args: argparse.Namespace) 
         out,
         re.MULTILINE,
     )
-    failed = int(non_2xx.group(1)) if non_2xx else 0
-    failed += sum(int(n) for n in errors.groups()) if errors else 0
     return Wrk(
         requests=int(requests.group(1)),
         requests_per_second=float(rate.group(1)),
         p50_ms=_ms(latency["50"]),
         p99_ms=_ms(latency["99"]),
-        failed=failed,
+        failed=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
     )
 
 
@@ -331,13 +334,21 @@ class Target:
     def failed(self) -> int:
         return sum(c.failed for c in self.closed) + sum(o.failed for o in self.open)
 
+    @property
+    def socket_errors(self) -> int:
+        return sum(c.socket_errors for c in self.closed)
 
-def failure_counters(target: Target) -> str:
-    """Envoy's non-zero counters that say why requests failed (ext_authz errors and denials,
-    timeouts, 4xx and 5xx answers)."""
-    stats = harness.send(target.admin_port, "/stats?filter=ext_authz|rq_timeout|rq_[45]xx").body
-    lines = [line for line in stats.decode().splitlines() if not line.endswith(": 0")]
-    return ", ".join(lines)
+
+_FAILURE_COUNTERS = (
+    r"^http\.ingress\.(downstream_rq_[45]xx|ext_authz\.(denied|error|failure_mode_allowed))$"
+)
+
+
+def failure_counters(target: Target) -> dict[str, int]:
+    """Envoy's counters of failed requests: 4xx and 5xx answers, ext_authz denials and errors."""
+    query = urllib.parse.urlencode({"format": "json", "filter": _FAILURE_COUNTERS})
+    stats = harness.send(target.admin_port, f"/stats?{query}").json()["stats"]
+    return {stat["name"]: int(stat["value"]) for stat in stats if "name" in stat}
 
 
 def start_servers(stack: ExitStack, workdir: Path, keys_file: Path, cpus: str) -> dict[str, Server]:
@@ -439,6 +450,7 @@ def measure_closed(target: Target, key: str, args: argparse.Namespace) -> Closed
         envoy_us=per_request[0],
         authz_us=per_request[1] if target.authz else None,
         failed=figures.failed,
+        socket_errors=figures.socket_errors,
     )
 
 
@@ -489,16 +501,23 @@ def main() -> None:
         check_paths(targets, key)
         for target in targets.values():
             wrk(target.name, target.port, key, args.warmup, args)
+        before = {t.name: failure_counters(t) for t in targets.values()}
         load_before = os.getloadavg()
         for _ in range(args.rounds):  # interleaved: the machine's drift hits every path
             for target in targets.values():
                 target.closed.append(measure_closed(target, key, args))
                 target.open.append(measure_open(target, request.encode(), args))
         load_after = os.getloadavg()
-        failures = {t.name: failure_counters(t) for t in targets.values() if t.failed}
+        counted = {t.name: failure_counters(t) for t in targets.values()}
     report(targets, args, load_before[0], load_after[0])
-    for name, counters in failures.items():
-        print(f"{name}: Envoy's counters of what failed: {counters or 'none'}")
+    for target in targets.values():
+        if target.failed:
+            changed = {
+                name: value - before[target.name].get(name, 0)
+                for name, value in counted[target.name].items()
+                if value != before[target.name].get(name, 0)
+            }
+            print(f"{target.name}: Envoy's failure counters over the rounds: {changed}")
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -571,7 +590,7 @@ def report(
             f"| {med(c.envoy_us for c in t.closed):.1f} | {authz} "
             f"| {med(c.p50_ms for c in t.closed):.2f} | {med(c.p99_ms for c in t.closed):.2f} "
             f"| {med(o.p50_ms for o in t.open):.2f} | {med(o.p99_ms for o in t.open):.2f} "
-            f"| {added} | {t.failed} |"
+            f"| {added} | {t.failed}, {t.socket_errors} |"
         )
     late = max(o.late_p99_ms for t in targets.values() for o in t.open)
     print()
