@@ -12,8 +12,8 @@
 - Every answer is judged against the change feed before it is cached or served
   (``changes.RecentChanges``): an answer older than a change to its key or client never is, and
   a "valid" never overrides a revocation or suspension the feed reported.
-- Lookups of keys the cache has never seen are rate-limited, so a flood of random keys cannot
-  become a flood of registry calls.
+- Lookups of keys the cache has never seen are rate-limited, on the caller's thread, so a flood
+  of random keys can become neither a flood of registry calls nor a queue for the event loop.
 - With a shared tier (Redis), a miss asks it before the registry and every registry answer is
   written to it, so a fleet makes one registry call per key per TTL.
 
@@ -71,21 +71,31 @@ class ResolverSettings:
 
 
 class TokenBucket:
-    """``rate`` tokens a second, up to ``burst``. Not locked: used on the event loop only."""
+    """``rate`` tokens a second, up to ``burst``; safe from any thread."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self._rate, self._burst, self._clock = rate, burst, clock
         self._tokens = float(burst)
         self._at = clock()
+        self._lock = threading.Lock()
 
     def take(self) -> bool:
+        with self._lock:
+            if not self._refill():
+                return False
+            self._tokens -= 1
+            return True
+
+    def available(self) -> bool:
+        """Is there a token to take now? (Without taking it.)"""
+        with self._lock:
+            return self._refill()
+
+    def _refill(self) -> bool:
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
         self._at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
+        return self._tokens >= 1
 
 
 class CachingResolver:
@@ -158,6 +168,11 @@ class CachingResolver:
                     self._loop.call_soon_threadsafe(self._refresh, credential)
                 return answer
         self._count("miss")
+        if entry is None and credential.digest not in self._inflight and not self._cold.available():
+            # Refused here, on the caller's thread: a flood of random keys past the rate limit
+            # must not queue for the event loop in front of the checks it could answer. (The
+            # token is taken on the loop, by the one lookup that calls the registry.)
+            raise RegistryBusyError("lookups of uncached keys over the rate limit")
         return self._resolve(credential)
 
     def find_client(self, client_id: str) -> Client | None:

@@ -210,6 +210,18 @@ async def test_lookups_of_never_seen_keys_are_rate_limited(
     assert cached(resolver) == CLIENT
 
 
+async def test_past_the_rate_limit_a_new_key_is_refused_without_the_event_loop(
+    resolver: CachingResolver, backend: FakeVerifier
+) -> None:
+    """Once the cold-lookup bucket is empty, lookup refuses on the caller's thread: no
+    coroutine is handed to the loop, so junk never queues in front of answers from memory."""
+    for n in range(5):
+        await resolve(resolver, f"azk_burst_{n}")
+    with pytest.raises(RegistryBusyError):
+        resolver.lookup(credential("azk_one_too_many"))
+    assert backend.calls == 5
+
+
 async def test_a_key_is_never_served_past_its_valid_until(
     resolver: CachingResolver, backend: FakeVerifier, clock: Clock
 ) -> None:
