@@ -37,13 +37,17 @@ load time; then ns per lookup for the store and the dict side by side, alternati
 hits on a hot set of 1,000 keys, hits spread over every key, misses; and what making the
 lookup key costs (``digest()`` for the store, ``hexdigest()`` for the dict).
 
+cache: the http-mode cache (``AUTHZ_REGISTRY=http``: the resolver's), in a fresh process per
+size, after the same imports: bytes per cached key, with five keys a client, each answer
+parsed into a new client object as the registry's answers are, and interned by the resolver.
+
 layouts (not run unless asked for): the key tables the store could have used, each in a
 fresh process, without clients (one shared record): a dict of the 32-byte digests (the store's
 choice), a dict of digests cut to 31 bytes (which fit a 64-byte allocation instead of 80, but
 need a Python-level get), and an open-addressing table of the digests in a bytearray.
 
-The scenario functions (``service_scenario``, ``store_scenario``, ``run_layout``) are
-importable.
+The scenario functions (``service_scenario``, ``store_scenario``, ``cache_scenario``,
+``run_layout``) are importable.
 """
 
 from __future__ import annotations
@@ -411,6 +415,50 @@ def store_scenario(case: str, path: Path, size: int, lookups: int) -> dict[str, 
     return result
 
 
+def cache_scenario(size: int) -> dict[str, Any]:
+    """The resolver's cache holding ``size`` answers, in this process (run it in a fresh one)."""
+    from authz_service.changes import RecentChanges  # noqa: PLC0415 (this scenario only)
+    from authz_service.contract import Answer  # noqa: PLC0415
+    from authz_service.resolver import CachingResolver, ResolverSettings  # noqa: PLC0415
+
+    gc.collect()
+    baseline = status()["VmRSS"]
+    resolver = CachingResolver(
+        _Unreachable(),
+        ResolverSettings(max_entries=size),
+        asyncio.new_event_loop(),
+        RecentChanges(retention=60),
+    )
+    for index in range(size):
+        client = index // 5
+        answer = Answer(Client(f"cl_{client:016x}", f"Client {client}", ("reader",)))
+        resolver._store(digest(index), answer, None)  # what a registry answer does
+    gc.collect()
+    after = status()["VmRSS"]
+    return {
+        "case": "cache",
+        "keys": resolver.entries,
+        "baseline_mib": baseline,
+        "steady_mib": after,
+        "bytes_per_key": (after - baseline) * 2**20 / size,
+    }
+
+
+class _Unreachable:
+    """A registry backend the cache scenario never calls."""
+
+    ready = True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def verify(self, credential: object) -> Any:
+        raise AssertionError("the cache scenario asks no registry")
+
+
 def compare_parsing(path: Path) -> dict[str, float]:
     """ns per entry to parse the snapshot's lines with the contract's parser, sharing clients
     through Identities (an identity seen before is not parsed again) and without, one pass
@@ -638,6 +686,17 @@ def _phase(figures: dict[str, float]) -> tuple[float, float, dict[str, float]]:
     return figures["s"], figures["cpu_s"], figures
 
 
+def report_cache(results: list[dict[str, Any]]) -> None:
+    print("the http-mode cache (the resolver's), in-process, five keys a client")
+    print(f"{'keys':>9} {'baseline MiB':>12} {'steady MiB':>10} {'B/key':>6}")
+    for row in results:
+        print(
+            f"{row['keys']:>9} {row['baseline_mib']:>12.1f} {row['steady_mib']:>10.1f}"
+            f" {row['bytes_per_key']:>6.0f}"
+        )
+    print()
+
+
 def report_store(results: list[dict[str, Any]]) -> None:
     print("key store against the former dict, in-process")
     print(
@@ -673,17 +732,22 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         nargs="+",
-        choices=["service", "store", "layouts"],
-        default=["service", "store"],
+        choices=["service", "store", "cache", "layouts"],
+        default=["service", "store", "cache"],
     )
     parser.add_argument("--checks", type=int, default=10_000, help="checks per round and service")
     parser.add_argument("--lookups", type=int, default=100_000, help="per round and kind (store)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead")
-    parser.add_argument("--case", choices=["store", "dict", *LAYOUTS], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--case", choices=["store", "dict", "cache", *LAYOUTS], help=argparse.SUPPRESS
+    )
     parser.add_argument("--snapshot", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case in LAYOUTS:
         print(json.dumps(run_layout(args.case, args.sizes[0], args.lookups)))
+        return
+    if args.case == "cache":
+        print(json.dumps(cache_scenario(args.sizes[0])))
         return
     if args.case:
         print(json.dumps(store_scenario(args.case, args.snapshot, args.sizes[0], args.lookups)))
@@ -699,6 +763,8 @@ def main() -> None:
             results["layouts"] = [
                 child(layout, size, args.lookups) for size in args.sizes for layout in LAYOUTS
             ]
+        if "cache" in args.scenarios:
+            results["cache"] = [child("cache", size, args.lookups) for size in args.sizes]
         if "store" in args.scenarios:
             results["store"] = []
             for size in args.sizes:
@@ -710,12 +776,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    if "service" in results:
-        report_service(results["service"])
-    if "layouts" in results:
-        report_layouts(results["layouts"])
-    if "store" in results:
-        report_store(results["store"])
+    reports = {
+        "service": report_service,
+        "layouts": report_layouts,
+        "cache": report_cache,
+        "store": report_store,
+    }
+    for name, rows in results.items():
+        reports[name](rows)
 
 
 if __name__ == "__main__":

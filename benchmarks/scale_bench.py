@@ -1,4 +1,5 @@
-"""The registry at scale (issue 15), every scenario in one run, with its target beside it.
+"""The registry and authz-service at scale (issue 15), every scenario in one run, with its
+target beside it.
 
     .venv/bin/python benchmarks/scale_bench.py [--keys 1000000] [--quick] [--only NAME,...]
 
@@ -19,10 +20,13 @@ RSS are its own; the load comes from this process. Scenarios (--only picks some)
 - revocation: from sending a revocation until each of 300 streams has it, p50/p99/max, through
   the registry serving the streams and through another registry process (LISTEN/NOTIFY).
 - capacity: the registry's RSS, idle CPU and revocation p99 with 300, 1000 and 2000 streams.
+- authz: authz-service itself (benchmarks/memory_bench.py): snapshot mode end to end at 100k and
+  --keys keys (time to ready, peak and steady RSS, reloads), and the http-mode cache's bytes per
+  key.
 
 --quick: 100k keys, shorter windows, one round. Not in CI: tests/registry/test_feed_and_snapshot.py
-runs each scenario at small size, for correctness only. More scenarios (authz-service's own)
-register in SCENARIOS.
+runs each registry scenario at small size, and tests/e2e/test_snapshot_scale.py the authz one,
+for correctness only.
 """
 
 from __future__ import annotations
@@ -700,7 +704,54 @@ async def capacity_scenario(bench: Bench) -> None:
             )
 
 
+async def authz_scenario(bench: Bench) -> None:
+    """authz-service at this size: snapshot mode end to end (a real service loading a streamed
+    snapshot: time to ready, peak and steady RSS, a reload), and the http-mode cache's bytes
+    per key, from benchmarks/memory_bench.py in a process of its own."""
+    sizes = sorted({min(100_000, bench.args.keys), bench.args.keys})
+    command = [sys.executable, str(HERE / "memory_bench.py"), "--scenarios", "service", "cache"]
+    command += ["--json", "--checks", "2000", "--sizes", *map(str, sizes)]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+    expect(done.returncode == 0, f"memory_bench.py failed: {done.stderr[-2000:]}")
+    results = json.loads(done.stdout)
+    for row in results["service"]:
+        keys, at_target = row["keys"], row["keys"] >= 1_000_000
+        bench.report(
+            "authz",
+            f"{keys} keys: snapshot mode ready",
+            row["ready_s"],
+            "s",
+            "<= 20 s" if at_target else "",
+        )
+        peak = max(row["peak_mib"], row["reload_same"]["peak_mib"])
+        bench.report(
+            "authz",
+            f"{keys} keys: peak RSS (load, reload of the same keys)",
+            peak,
+            "MiB",
+            "<= 384 MiB" if at_target else "",
+        )
+        bench.report(
+            "authz",
+            f"{keys} keys: steady RSS",
+            row["steady_mib"],
+            "MiB",
+            "<= 256 MiB" if at_target else "",
+        )
+        bench.report(
+            "authz",
+            f"{keys} keys: peak RSS, a reload with every key new",
+            row["reload_replaced"]["peak_mib"],
+            "MiB",
+        )
+    for row in results["cache"]:
+        bench.report(
+            "authz", f"{row['keys']} keys: http-mode cache per key", row["bytes_per_key"], "B"
+        )
+
+
 SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
+    "authz": authz_scenario,
     "snapshot": snapshot_scenario,
     "verify": verify_scenario,
     "idle": idle_scenario,
