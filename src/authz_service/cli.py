@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser = argparse.ArgumentParser(
         prog="authz-service",
-        description="Envoy ext_authz gRPC service: admits registered API clients by API key.",
+        description="Envoy ext_authz service (gRPC and HTTP): admits registered API clients by API key.",
         epilog=settings_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         parents=[config_option],
         help="run the gRPC and HTTP servers",
         description="Serve Envoy's Authorization/Check, gRPC health and reflection on "
-        "AUTHZ_GRPC_ADDRESS, and /healthz and /readyz on AUTHZ_HTTP_ADDRESS.",
+        "AUTHZ_GRPC_ADDRESS; Envoy's HTTP ext_authz checks on AUTHZ_HTTP_CHECK_ADDRESS; "
+        "access logs on AUTHZ_ACCESS_LOG_ADDRESS; the admin API on AUTHZ_ADMIN_ADDRESS; and "
+        "/healthz, /readyz and /metrics on AUTHZ_HTTP_ADDRESS.",
         epilog=settings_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
