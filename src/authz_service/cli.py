@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser = argparse.ArgumentParser(
         prog="authz-service",
-        description="Envoy ext_authz service (gRPC and HTTP): admits registered API clients by API key.",
+        description="Envoy ext_authz service (gRPC and HTTP): admits registered API clients "
+        "by API key.",
         epilog=settings_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
