@@ -19,6 +19,7 @@ from json.encoder import encode_basestring
 from typing import Any, ClassVar, TextIO
 
 from authz_service.model import Decision, Request, Trace
+from authz_service.reasons import Reason
 
 DEFAULT_REDACTED_FIELDS = ("authorization", "api_key", "apikey", "key", "x-api-key", "token")
 REDACTED = "[redacted]"
@@ -68,6 +69,35 @@ def _json_number(seconds: float | None) -> str:
 
 
 _NO_TRACE = Trace()
+# Decision-line fragments that depend only on the outcome, made once each (bounded: outcomes are
+# reasons and clients, rules come from the policy; cleared when full).
+_OUTCOMES: dict[tuple[bool, Reason, str | None], str] = {}
+_RULES: dict[tuple[str | None, str | None], str] = {}
+_MAX_FRAGMENTS = 10_000
+
+
+def _outcome_text(outcome: tuple[bool, Reason, str | None]) -> str:
+    allowed, reason, client_id = outcome
+    if len(_OUTCOMES) >= _MAX_FRAGMENTS:
+        _OUTCOMES.clear()
+    text = _OUTCOMES[outcome] = (
+        f'"level": "info", "logger": "{_decisions.name}", "msg": "decision", '
+        f'"event": "decision", "decision": "{"allow" if allowed else "deny"}", '
+        f'"reason": "{reason.value}", "client_id": {_json_text(client_id)}, '
+    )
+    return text
+
+
+def _rules_text(rules: tuple[str | None, str | None]) -> str:
+    if len(_RULES) >= _MAX_FRAGMENTS:
+        _RULES.clear()
+    rule, dry_run_rule = rules
+    text = _RULES[rules] = (
+        f'"rule": {_json_text(rule)}, "dry_run_rule": {_json_text(dry_run_rule)}, '
+    )
+    return text
+
+
 _sink: BatchingHandler | None = None  # the configured handler, when configure() was called
 
 
@@ -292,27 +322,30 @@ class _DecisionRecord(logging.LogRecord):
 
     def render(self, timestamp: str) -> str:
         """The same JSON as the generic path produces from ``fields``, built directly.
-        Every request-supplied string goes through json's own string encoder."""
+        Every request-supplied string goes through json's own string encoder; the parts that
+        depend only on the outcome are made once per outcome."""
         request, decision, trace = self._request, self._decision, self._trace
         client = decision.client
+        outcome = (decision.allowed, decision.reason, client.client_id if client else None)
+        head = _OUTCOMES.get(outcome) or _outcome_text(outcome)
+        rules = (decision.rule, decision.dry_run_rule)
+        tail = _RULES.get(rules) or _rules_text(rules)
+        request_id, stream_id = request.request_id, request.stream_id
+        key_id, resolution = trace.key_id, trace.resolution
         return (
-            f'{{"ts": "{timestamp}", "level": "info", "logger": "{_decisions.name}", '
-            f'"msg": "decision", "event": "decision", '
-            f'"decision": "{"allow" if decision.allowed else "deny"}", '
-            f'"reason": "{decision.reason.value}", '
-            f'"client_id": {_json_text(client.client_id if client else None)}, '
+            f'{{"ts": "{timestamp}", {head}'
             f'"method": {encode_basestring(request.method)}, '
             f'"host": {encode_basestring(request.host[:_MAX_FIELD_LENGTH])}, '
             f'"path": {encode_basestring(request.path[:_MAX_FIELD_LENGTH])}, '
-            f'"request_id": {_json_text(request.request_id[:_MAX_FIELD_LENGTH] or None)}, '
-            f'"stream_id": {_json_text(request.stream_id[:_MAX_FIELD_LENGTH] or None)}, '
+            f'"request_id": '
+            f"{encode_basestring(request_id[:_MAX_FIELD_LENGTH]) if request_id else 'null'}, "
+            f'"stream_id": '
+            f"{encode_basestring(stream_id[:_MAX_FIELD_LENGTH]) if stream_id else 'null'}, "
             f'"latency_ms": {round(self._elapsed * 1000, 3)!r}, '
-            f'"key_id": {_json_text(trace.key_id)}, '
-            f'"resolution": {_json_text(trace.resolution)}, '
+            f'"key_id": {_json_text(key_id)}, '
+            f'"resolution": {_json_text(resolution)}, '
             f'"registry_ms": {_json_number(trace.registry_seconds)}, '
-            f'"rule": {_json_text(decision.rule)}, '
-            f'"dry_run_rule": {_json_text(decision.dry_run_rule)}, '
-            f"{self._quota()}}}"
+            f"{tail}{self._quota()}}}"
         )
 
     def _quota(self) -> str:

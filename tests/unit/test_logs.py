@@ -7,6 +7,9 @@ import json
 import logging
 import time
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from authz_service.logs import (
     DECISION_FIELDS,
     BatchingHandler,
@@ -189,3 +192,61 @@ def test_a_rate_limited_decision_records_the_limit_what_is_left_and_where_it_was
         }
         assert [without[k] for k in without if k.startswith("rate_limit")] == [None] * 4
     assert set(lines[0][0]) == DECISION_FIELDS
+
+
+_TEXT = st.text(max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=_TEXT,
+    host=_TEXT,
+    path=_TEXT,
+    request_id=_TEXT,
+    stream_id=_TEXT,
+    allowed=st.booleans(),
+    reason=st.sampled_from(list(Reason)),
+    client_id=st.none() | st.text(min_size=1, max_size=20),
+    rule=st.none() | _TEXT,
+    dry_run_rule=st.none() | _TEXT,
+    key_id=st.none() | _TEXT,
+    registry=st.none() | st.floats(min_value=0, max_value=10),
+    elapsed=st.floats(min_value=0, max_value=10),
+)
+def test_a_decision_line_rendered_directly_is_the_generic_formatters_line(
+    *,
+    method: str,
+    host: str,
+    path: str,
+    request_id: str,
+    stream_id: str,
+    allowed: bool,
+    reason: Reason,
+    client_id: str | None,
+    rule: str | None,
+    dry_run_rule: str | None,
+    key_id: str | None,
+    registry: float | None,
+    elapsed: float,
+) -> None:
+    """The direct rendering (cached fragments and all) writes exactly what json.dumps would."""
+    request = Request(
+        is_http=True,
+        method=method,
+        host=host,
+        path=path,
+        request_id=request_id,
+        stream_id=stream_id,
+    )
+    client = None if client_id is None else Client(client_id, "Name")
+    made = Decision(allowed, reason, client, rule, dry_run_rule, key_id)
+    trace = Trace(key_id=key_id, resolution="memory", registry_seconds=registry)
+    record = _DecisionRecord(request, made, elapsed, trace)
+    expected = {
+        "ts": "T",
+        "level": "info",
+        "logger": "authz_service.decision",
+        "msg": "decision",
+        **record.fields,
+    }
+    assert record.render("T") == json.dumps(expected, ensure_ascii=False)
