@@ -56,8 +56,8 @@ ROUTE_HEADERS = {
 }
 _REPEATED_ROUTE = (("repeated_route_header", "true"),)  # closes the route (an unknown key)
 _METADATA = ("x-authz-client-id", "x-authz-client-name", "x-authz-key-id")
-_KEPT = frozenset(  # the request headers read (as httptools gives names: bytes)
-    name.encode()
+_KEPT = {  # the request headers read, by the name httptools gives (bytes)
+    name.encode(): name
     for name in (
         "authorization",
         "host",
@@ -67,7 +67,8 @@ _KEPT = frozenset(  # the request headers read (as httptools gives names: bytes)
         "x-envoy-expected-rq-timeout-ms",
         *ROUTE_HEADERS,
     )
-)
+}
+_ROUTE_NAMES = frozenset(ROUTE_HEADERS)
 _MAX_CACHED = 10_000
 
 
@@ -225,13 +226,18 @@ class _Connection(asyncio.Protocol):
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Called for every header of every check: kept short.
         self._header_count += 1
-        self._count(len(name) + len(value))
-        if self._header_count > MAX_HEADERS:
+        self._header_bytes += len(name) + len(value)
+        if self._header_count > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
             raise _UnreadableError(Reason.REQUEST_TOO_LARGE)
-        key = name.lower()
-        if key in _KEPT:
-            self._headers.setdefault(key.decode(), []).append(_text(value))
+        kept = _KEPT.get(name.lower())
+        if kept is not None:
+            values = self._headers.get(kept)
+            if values is None:
+                self._headers[kept] = [_text(value)]
+            else:
+                values.append(_text(value))
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -388,7 +394,7 @@ class HttpCheckServer:
             else:  # not a check request of the Envoy configured with this prefix
                 problem = Reason.REQUEST_UNPARSABLE
         route: tuple[tuple[str, str], ...] = ()
-        if any(name in headers for name in ROUTE_HEADERS):
+        if not _ROUTE_NAMES.isdisjoint(headers):
             if any(len(headers.get(name, ())) > 1 for name in ROUTE_HEADERS):
                 route = _REPEATED_ROUTE
             else:
