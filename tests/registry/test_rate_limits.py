@@ -113,7 +113,8 @@ async def test_a_malformed_limit_is_refused_naming_rate_limit(
 
 
 async def test_snapshot_entries_carry_the_limit(registry: Registry) -> None:
-    """Limited clients' entries carry it, others' do not; both parse as the contract has it."""
+    """Limited clients' entries carry it, others' do not; both parse as the contract has it,
+    and each entry's client is the identity its verify answer has."""
     limited = await create(registry, FIVE_A_SECOND)
     plain = await create(registry)
     _, snapshot = await registry.call("GET", "/v1/snapshot", token=SERVICE)
@@ -122,6 +123,10 @@ async def test_snapshot_entries_carry_the_limit(registry: Registry) -> None:
         for entry in snapshot["keys"]
     }
     assert limits == {limited["client_id"]: RateLimit(5, "second"), plain["client_id"]: None}
+    identities = {entry["client"]["client_id"]: entry["client"] for entry in snapshot["keys"]}
+    for created in (limited, plain):
+        verified = (await registry.verify(created["api_key"]))["client"]
+        assert identities[created["client_id"]] == verified
 
 
 async def test_changing_the_limit_upserts_every_valid_key_of_the_client(
