@@ -20,6 +20,7 @@ from client_registry import api, usage
 from tests.e2e.harness import registry_process
 from tests.registry.conftest import ADMIN, SERVICE, Registry, started
 from tests.registry.postgres import create_database
+from tests.registry.test_feed_and_snapshot import settings_for
 
 pytestmark = pytest.mark.e2e
 _ids = itertools.count()
@@ -628,8 +629,6 @@ def test_the_usage_queries_use_indexes(tmp_path: Path, postgres: str) -> None:
     """With sequential scans priced out, recording a batch, a report, a client's keys with
     their last use, and pruning batch ids read the usage tables through indexes only."""
     import psycopg  # noqa: PLC0415
-
-    from tests.registry.test_feed_and_snapshot import settings_for  # noqa: PLC0415
 
     url = create_database(postgres, "usage_indexed")
     with psycopg.connect(url, autocommit=True) as connection:
