@@ -1,8 +1,8 @@
 """A TEST-ONLY STAND-IN for the client registry's usage endpoint, ``POST /v1/usage``.
 
-The reference registry (``src/client_registry``) does not implement the usage ledger's side of
-the contract yet; until it does, authz-service's ledger is tested against this stand-in, which
-implements exactly that contract and nothing else:
+The end-to-end tests use the reference registry (``src/client_registry``). This stand-in serves
+the unit tests and benchmarks, which need the endpoint in-process, without a registry, and
+made to fail on demand. It implements exactly that contract and nothing else:
 
 - ``POST /v1/usage`` with ``Authorization: Bearer <service token>``, a JSON body of at most
   1 MiB: ``{"batch_id", "source", "usage": [entry, ...]}`` (at most 10,000 entries), each

@@ -1,11 +1,12 @@
 """The registry's HTTP API, as documented in openapi.yaml.
 
-Management (the ADR's endpoints) needs the admin token; verification (validate, snapshot,
-changes, change stream) needs the service token. Every error is JSON:
-``{"error": ..., "message": ..., "field"?: ...}``.
+Management (the ADR's endpoints, and usage reports) needs the admin token; verification
+(validate, snapshot, changes, change stream) and the usage ledger's batches need the service
+token. Every error is JSON: ``{"error": ..., "message": ..., "field"?: ...}``.
 
-Nothing big is serialised on the event loop: the snapshot is produced in worker threads, a
-batch at a time, and change pages arrive from the store as JSON text.
+Nothing big is parsed or serialised on the event loop: the snapshot is produced in worker
+threads, a batch at a time, change pages arrive from the store as JSON text, and usage batches
+and reports are parsed and written in worker threads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Generator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from importlib import resources
@@ -26,7 +28,16 @@ from typing import Any
 from aiohttp import web
 
 from authz_service import logs
-from authz_service.contract import ROLE_PATTERN
+from authz_service.contract import (
+    MAX_REQUESTS_PER_UNIT,
+    RATE_UNITS,
+    ROLE_PATTERN,
+    ContractError,
+    parse_rate_limit,
+    parse_time,
+)
+from authz_service.model import RateLimit
+from client_registry import usage
 from client_registry.db import DatabaseError
 from client_registry.feed import ChangeFeed
 from client_registry.store import (
@@ -39,6 +50,7 @@ from client_registry.store import (
     LogState,
     NotFoundError,
     Store,
+    TooMuchUsageError,
     identity,
     iso,
 )
@@ -50,6 +62,12 @@ MAX_NAME_LENGTH = 200
 MAX_EMAIL_LENGTH = 254
 MAX_ROLES = 32
 MAX_KEY_LENGTH = 512
+# Usage batches parsed and written at once; more wait (without their bodies read) for up to
+# USAGE_WAIT seconds, well within a sender's timeout, and beyond MAX_USAGE_WAITING of them, or
+# that wait, get 503 and Retry-After.
+MAX_USAGE_BATCHES = 4
+MAX_USAGE_WAITING = 64
+USAGE_WAIT = 5.0
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 NDJSON = "application/x-ndjson"
 SNAPSHOT_BATCH = 2000  # entries per piece of a snapshot (about 500 KB)
@@ -98,15 +116,22 @@ class _Api:
     def __init__(self, store: Store, settings: ApiSettings, feed: ChangeFeed) -> None:
         self.store, self.settings, self.feed = store, settings, feed
         self.snapshots = 0
+        self.usage_slots = asyncio.Semaphore(MAX_USAGE_BATCHES)
+        self.usage_waiting = 0
         self.admin = _token_check(settings.admin_token)
         self.service = _token_check(settings.service_token)
 
     # --- management ----------------------------------------------------------------------------
     async def create_client(self, request: web.Request) -> web.Response:
         self.admin(request)
-        body = await _json_body(request, required={"client_name", "email"}, optional={"roles"})
+        body = await _json_body(
+            request, required={"client_name", "email"}, optional={"roles", "rate_limit"}
+        )
         client, key, record = await self.store.create_client(
-            _name(body["client_name"]), _email(body["email"]), _roles(body.get("roles", []))
+            _name(body["client_name"]),
+            _email(body["email"]),
+            _roles(body.get("roles", [])),
+            _rate_limit(body.get("rate_limit")),
         )
         return _json({**_client_json(client), "api_key": key, "key_id": record.key_id}, 201)
 
@@ -125,7 +150,9 @@ class _Api:
 
     async def patch_client(self, request: web.Request) -> web.Response:
         self.admin(request)
-        body = await _json_body(request, optional={"client_name", "email", "roles", "status"})
+        body = await _json_body(
+            request, optional={"client_name", "email", "roles", "status", "rate_limit"}
+        )
         changes: dict[str, Any] = {}
         if "client_name" in body:
             changes["name"] = _name(body["client_name"])
@@ -137,6 +164,8 @@ class _Api:
             if body["status"] not in (ACTIVE, SUSPENDED):
                 raise ApiError(400, "status must be 'active' or 'suspended'", "status")
             changes["status"] = body["status"]
+        if "rate_limit" in body:  # null clears it
+            changes["rate_limit"] = _rate_limit(body["rate_limit"])
         client = await self.store.update_client(request.match_info["client_id"], changes)
         return _json(_client_json(client))
 
@@ -177,6 +206,28 @@ class _Api:
             201,
         )
 
+    async def client_usage(self, request: web.Request) -> web.Response:
+        self.admin(request)
+        granularity = request.query.get("granularity", usage.DEFAULT_GRANULARITY)
+        try:
+            within = usage.span(
+                _time_query(request, "from"), _time_query(request, "to"), granularity, time.time()
+            )
+        except usage.RangeError as exc:
+            raise ApiError(400, str(exc), exc.field) from None
+        client_id = request.match_info["client_id"]
+        try:
+            rows = await self.store.usage(client_id, within, usage.MAX_ROWS)
+        except TooMuchUsageError:
+            raise ApiError(
+                400,
+                f"the range holds more than {usage.MAX_ROWS} (key, {granularity}) figures: "
+                "narrow it or choose a coarser granularity",
+                "granularity",
+            ) from None
+        text = await asyncio.to_thread(lambda: json.dumps(usage.report(client_id, within, rows)))
+        return web.Response(text=text, content_type="application/json")
+
     # --- verification --------------------------------------------------------------------------
     async def verify(self, request: web.Request) -> web.Response:
         self.service(request)
@@ -197,6 +248,41 @@ class _Api:
                 "version": result.version,
             }
         )
+
+    async def record_usage(self, request: web.Request) -> web.Response:
+        """A usage ledger batch: counted once per batch id."""
+        self.service(request)
+        if request.content_type != "application/json":
+            raise ApiError(415, "the body must be application/json")
+        limit = usage.MAX_BATCH_BYTES
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, f"a usage batch is at most {limit} bytes")
+        async with self._usage_slot():
+            body = await _bounded_body(request, limit)
+            try:
+                batch = await asyncio.to_thread(usage.parse_batch, body)
+            except usage.MalformedBatchError as exc:
+                raise ApiError(400, str(exc), exc.field or None) from None
+            duplicate = await self.store.record_usage(batch)
+        return _json({"accepted": 0 if duplicate else batch.entries, "duplicate": duplicate})
+
+    @contextlib.asynccontextmanager
+    async def _usage_slot(self) -> AsyncIterator[None]:
+        busy = ApiError(503, "too many usage batches being recorded at once", retry=True)
+        if self.usage_slots.locked() and self.usage_waiting >= MAX_USAGE_WAITING:
+            raise busy
+        self.usage_waiting += 1
+        try:
+            async with asyncio.timeout(USAGE_WAIT):
+                await self.usage_slots.acquire()
+        except TimeoutError:
+            raise busy from None
+        finally:
+            self.usage_waiting -= 1
+        try:
+            yield
+        finally:
+            self.usage_slots.release()
 
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
         self.service(request)
@@ -316,10 +402,12 @@ def build_app(store: Store, settings: ApiSettings, feed: ChangeFeed) -> web.Appl
     app.router.add_delete("/clients/{client_id}", api.delete_client)
     app.router.add_delete("/clients/{client_id}/api-key", api.revoke_key)
     app.router.add_post("/clients/{client_id}/api-key", api.regenerate_key)
+    app.router.add_get("/clients/{client_id}/usage", api.client_usage)
     app.router.add_post("/v1/keys/verify", api.verify)
     app.router.add_get("/v1/snapshot", api.snapshot)
     app.router.add_get("/v1/changes", api.changes)
     app.router.add_get("/v1/changes/stream", api.change_stream)
+    app.router.add_post("/v1/usage", api.record_usage)
     return app
 
 
@@ -447,6 +535,46 @@ def _roles(value: Any) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+def _rate_limit(value: Any) -> RateLimit | None:
+    """A client's rate limit (null: none), by the rules both sides share."""
+    try:
+        return parse_rate_limit(value)
+    except ContractError:
+        raise ApiError(
+            400,
+            f"rate_limit must be null or {{requests_per_unit: 1 to {MAX_REQUESTS_PER_UNIT}, "
+            f"unit: {'|'.join(RATE_UNITS)}}}",
+            "rate_limit",
+        ) from None
+
+
+def _time_query(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        moment = parse_time(raw)
+    except ContractError:
+        moment = None
+    if moment is None:
+        raise ApiError(
+            400, f"{name} must be an ISO 8601 time with its zone, e.g. 2025-01-31T00:00:00Z", name
+        )
+    return moment
+
+
+async def _bounded_body(request: web.Request, limit: int) -> bytes:
+    """The body, read as it arrives: 413 as soon as it is longer than ``limit`` (whatever
+    Content-Length said, or if it said nothing)."""
+    chunks, size = [], 0
+    while chunk := await request.content.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"a usage batch is at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -457,8 +585,10 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
 
 
 def _client_json(client: Client) -> dict[str, Any]:
+    limit = client.rate_limit
     return {
         **identity(client),
+        "rate_limit": None if limit is None else limit._asdict(),
         "email": client.email,
         "created_at": iso(client.created_at),
         "updated_at": iso(client.updated_at),
@@ -471,6 +601,7 @@ def _key_json(key: Key) -> dict[str, Any]:
         "created_at": iso(key.created_at),
         "expires_at": iso(key.expires_at),
         "revoked_at": iso(key.revoked_at),
+        "last_used_at": None if key.last_used_at is None else usage.iso_minute(key.last_used_at),
     }
 
 

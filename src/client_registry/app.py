@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from authz_service import logs
 from client_registry.api import ApiSettings, build_app
 from client_registry.db import Database
 from client_registry.feed import ChangeFeed, prune_forever
@@ -93,6 +94,11 @@ async def running(settings: RegistrySettings) -> AsyncIterator[Running]:
             name="change-log-pruner",
         )
         stack.push_async_callback(_cancel, pruner)
+        usage_pruner = asyncio.create_task(
+            _prune_usage_batches_forever(store, settings.usage_batch_retention, PRUNE_INTERVAL),
+            name="usage-batch-pruner",
+        )
+        stack.push_async_callback(_cancel, usage_pruner)
         app = build_app(
             store,
             ApiSettings(
@@ -147,6 +153,22 @@ async def serve(
         if port_ready is not None:
             port_ready.set_result(registry.port)
         await stop.wait()
+
+
+async def _prune_usage_batches_forever(store: Store, retention: float, interval: float) -> None:
+    """Forget old usage batch ids every ``interval`` seconds (any replica may)."""
+    while True:
+        try:
+            dropped = await store.prune_usage_batches(retention)
+        except Exception as exc:  # the database is down: try again next time
+            logs.failure(log, "usage batch ids not pruned", "usage_batches_prune_error", exc)
+        else:
+            if dropped:
+                log.info(
+                    "usage batch ids pruned",
+                    extra={"fields": {"event": "usage_batches_pruned", "dropped": dropped}},
+                )
+        await asyncio.sleep(interval)
 
 
 def _bind(address: str) -> socket.socket:

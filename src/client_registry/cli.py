@@ -1,5 +1,5 @@
 """Command line: ``client-registry serve`` and management commands that call the API and print
-JSON (``clients create|list|get|revoke|regenerate|suspend|activate|delete``).
+JSON (``clients create|list|get|revoke|regenerate|suspend|activate|delete|set-rate-limit|usage``).
 
 The management commands only read credentials, never create them: the admin token comes from
 ``--token-file``, else ``REGISTRY_ADMIN_TOKEN`` (or ``admin_token`` in ``--config``), else the
@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from authz_service.config import (
     log_unknown_variables,
     unknown_variables,
 )
+from authz_service.contract import MAX_REQUESTS_PER_UNIT, RATE_UNITS
 from client_registry import app
 from client_registry.db import DatabaseError
 from client_registry.settings import ENV_PREFIX, RegistrySettings
@@ -43,6 +45,19 @@ _LOOKUP_ORDER = (
 
 class NoToken(Exception):  # noqa: N818 (a condition the user fixes, not a bug)
     """No admin token was found; the message says where the command looked."""
+
+
+_LIMIT_FORM = f"N/UNIT (N from 1 to {MAX_REQUESTS_PER_UNIT}, UNIT {'|'.join(RATE_UNITS)}) or none"
+
+
+def _rate_limit(text: str) -> dict[str, Any] | None:
+    """``5/second`` as the API's rate_limit; ``none`` clears it."""
+    if text.strip().lower() == "none":
+        return None
+    count, _, unit = text.strip().partition("/")
+    if not (count.isdigit() and 0 < int(count) <= MAX_REQUESTS_PER_UNIT and unit in RATE_UNITS):
+        raise argparse.ArgumentTypeError(f"expected {_LIMIT_FORM}, not {text!r}")
+    return {"requests_per_unit": int(count), "unit": unit}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--email", required=True)
     create.add_argument("--roles", default="", help="comma-separated roles")
+    create.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        default=argparse.SUPPRESS,
+        metavar="N/UNIT",
+        help="the client's rate limit, e.g. 5/second (UNIT: second, minute, hour or day)",
+    )
     actions.add_parser("list", help="list clients")
     for name, text in [
         ("get", "show a client and its keys (no key material)"),
@@ -112,6 +134,22 @@ def _parser() -> argparse.ArgumentParser:
     regenerate.add_argument(
         "--grace", type=float, default=0, help="seconds the old key keeps working"
     )
+    set_limit = actions.add_parser(
+        "set-rate-limit", help="set the client's rate limit (N/UNIT), or clear it (none)"
+    )
+    set_limit.add_argument("client_id")
+    set_limit.add_argument("rate_limit", type=_rate_limit, metavar="N/UNIT|none")
+    report = actions.add_parser(
+        "usage",
+        help="the client's usage: totals and a series, per key and for the client",
+        description="Usage recorded by authz-service's ledger, in buckets of a minute, an hour "
+        "(the default) or a day. Times are ISO 8601 with a zone, e.g. 2025-01-31T00:00:00Z; "
+        "without --to, up to now, and without --from, the day before --to.",
+    )
+    report.add_argument("client_id")
+    report.add_argument("--from", dest="start", metavar="TIME", help="start (rounded down)")
+    report.add_argument("--to", dest="end", metavar="TIME", help="end (rounded up)")
+    report.add_argument("--granularity", choices=["minute", "hour", "day"])
     return parser
 
 
@@ -178,31 +216,7 @@ def _clients(args: argparse.Namespace, settings: RegistrySettings) -> int:
         print(f"client-registry: {exc}", file=sys.stderr)
         return 2
     base = args.url.rstrip("/")
-    action = args.action
-    roles = [r.strip() for r in getattr(args, "roles", "").split(",") if r.strip()]
-    requests: dict[str, tuple[str, str, Any]] = {
-        "create": (
-            "POST",
-            "/clients",
-            {
-                "client_name": args.name if action == "create" else "",
-                "email": getattr(args, "email", ""),
-                "roles": roles,
-            },
-        ),
-        "list": ("GET", "/clients", None),
-        "get": ("GET", f"/clients/{getattr(args, 'client_id', '')}", None),
-        "revoke": ("DELETE", f"/clients/{getattr(args, 'client_id', '')}/api-key", None),
-        "regenerate": (
-            "POST",
-            f"/clients/{getattr(args, 'client_id', '')}/api-key",
-            {"grace_seconds": getattr(args, "grace", 0)},
-        ),
-        "suspend": ("PATCH", f"/clients/{getattr(args, 'client_id', '')}", {"status": "suspended"}),
-        "activate": ("PATCH", f"/clients/{getattr(args, 'client_id', '')}", {"status": "active"}),
-        "delete": ("DELETE", f"/clients/{getattr(args, 'client_id', '')}", None),
-    }
-    method, path, body = requests[action]
+    method, path, body = _call(args)
     request = urllib.request.Request(  # noqa: S310 (the URL is the operator's own registry)
         base + path,
         method=method,
@@ -225,3 +239,33 @@ def _clients(args: argparse.Namespace, settings: RegistrySettings) -> int:
         return 1
     print(text if text else json.dumps({"ok": True}))
     return 0
+
+
+def _call(args: argparse.Namespace) -> tuple[str, str, Any]:
+    """The API call of a ``clients`` action: method, path and JSON body (or None)."""
+    action = args.action
+    if action == "create":
+        roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+        body = {"client_name": args.name, "email": args.email, "roles": roles}
+        if "rate_limit" in args:
+            body["rate_limit"] = args.rate_limit
+        return "POST", "/clients", body
+    if action == "list":
+        return "GET", "/clients", None
+    client = f"/clients/{urllib.parse.quote(args.client_id, safe='')}"
+    calls: dict[str, tuple[str, str, Any]] = {
+        "get": ("GET", client, None),
+        "revoke": ("DELETE", f"{client}/api-key", None),
+        "suspend": ("PATCH", client, {"status": "suspended"}),
+        "activate": ("PATCH", client, {"status": "active"}),
+        "delete": ("DELETE", client, None),
+    }
+    if action in calls:
+        return calls[action]
+    if action == "regenerate":
+        return "POST", f"{client}/api-key", {"grace_seconds": args.grace}
+    if action == "set-rate-limit":
+        return "PATCH", client, {"rate_limit": args.rate_limit}
+    given = [("from", args.start), ("to", args.end), ("granularity", args.granularity)]
+    query = {name: value for name, value in given if value is not None}
+    return "GET", f"{client}/usage" + (f"?{urllib.parse.urlencode(query)}" if query else ""), None

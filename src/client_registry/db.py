@@ -2,11 +2,12 @@
 replicas on one database), with versioned migrations.
 
 Operations are plain functions over a ``Tx``, run in a worker thread inside one transaction: they
-commit together or not at all, so a crash never leaves half a change acknowledged. A read that is
-one statement runs without a transaction (one round trip; a statement sees one snapshot by
-itself), on the event loop for PostgreSQL. Long reads (the snapshot) get a connection of their
-own and a read-only snapshot of the whole database. SQL is written once, with ``%s``
-placeholders, and adapted for SQLite.
+commit together or not at all, so a crash never leaves half a change acknowledged. A read
+operation sees one snapshot of the database throughout (PostgreSQL: REPEATABLE READ READ ONLY).
+A read that is one statement runs without a transaction (one round trip; a statement sees one
+snapshot by itself), on the event loop for PostgreSQL. Long reads (the snapshot) get a
+connection of their own and a read-only snapshot of the whole database. SQL is written once,
+with ``%s`` placeholders, and adapted for SQLite.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class Tx:
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self._cursor.execute(self._adapt(sql), tuple(params))
         return [tuple(row) for row in self._cursor.fetchall()]
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement for each of ``rows`` (pipelined by PostgreSQL's driver)."""
+        if rows:
+            self._cursor.executemany(self._adapt(sql), [tuple(row) for row in rows])
 
     def notify(self, channel: str, payload: str) -> None:
         """Tell other processes listening on ``channel``, at commit (PostgreSQL only: SQLite has
@@ -135,6 +141,56 @@ MIGRATIONS: list[tuple[int, str]] = [
         INSERT INTO change_log_state (id, pruned_through) VALUES (1, 0)
     """,
     ),
+    (
+        # Per-client rate limits, and the usage ledger. A usage row is one key's figures for
+        # one minute (Unix seconds of its start), summed over every batch that named it;
+        # denials, an open set of reasons, have rows of their own. The figures are kept by the
+        # ids the batches name, not tied to clients or keys: a deleted client's last minutes
+        # stay billable. usage_batches remembers the batch ids counted (for a while), which is
+        # what counts a batch once; key_last_used is each key's newest minute with usage.
+        3,
+        """
+        ALTER TABLE clients ADD COLUMN rate_limit_requests BIGINT
+            CHECK (rate_limit_requests > 0);
+        ALTER TABLE clients ADD COLUMN rate_limit_unit TEXT
+            CHECK (rate_limit_unit IN ('second', 'minute', 'hour', 'day'));
+        CREATE TABLE usage_batches (
+            batch_id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            entries INTEGER NOT NULL
+        );
+        CREATE INDEX usage_batches_by_age ON usage_batches (received_at);
+        CREATE TABLE usage_minutes (
+            client_id TEXT NOT NULL,
+            minute BIGINT NOT NULL,
+            key_id TEXT NOT NULL,
+            allowed BIGINT NOT NULL,
+            upstream_1xx BIGINT NOT NULL,
+            upstream_2xx BIGINT NOT NULL,
+            upstream_3xx BIGINT NOT NULL,
+            upstream_4xx BIGINT NOT NULL,
+            upstream_5xx BIGINT NOT NULL,
+            upstream_unknown BIGINT NOT NULL,
+            request_bytes BIGINT NOT NULL,
+            response_bytes BIGINT NOT NULL,
+            PRIMARY KEY (client_id, minute, key_id)
+        );
+        CREATE TABLE usage_denied (
+            client_id TEXT NOT NULL,
+            minute BIGINT NOT NULL,
+            key_id TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            count BIGINT NOT NULL,
+            PRIMARY KEY (client_id, minute, key_id, reason)
+        );
+        CREATE TABLE key_last_used (
+            key_id TEXT PRIMARY KEY,
+            client_id TEXT NOT NULL,
+            minute BIGINT NOT NULL
+        )
+    """,
+    ),
 ]
 
 
@@ -147,6 +203,7 @@ class Database:
         size = 1 if self.dialect == "sqlite" else pool_size  # SQLite has a single writer anyway
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue(maxsize=size)
         self._idle_async: asyncio.LifoQueue[Any] = asyncio.LifoQueue(maxsize=size)
+        self._open_slots = self._open_async_slots = size  # not closed yet, in use or idle
         for _ in range(size):
             self._idle.put(None)  # connections are opened on first use
             self._idle_async.put_nowait(None)
@@ -156,10 +213,14 @@ class Database:
         operation: Callable[[Tx], T],
         write: bool = False,
         committed: Callable[[], None] | None = None,
+        *,
+        logged: bool = True,
     ) -> T:
         """Run ``operation`` in one transaction in a worker thread. ``committed`` is then called
-        in that thread, even if the caller was cancelled meanwhile (the write happened)."""
-        return await asyncio.to_thread(self.run_sync, operation, write, committed)
+        in that thread, even if the caller was cancelled meanwhile (the write happened). A write
+        that is not ``logged`` never appends to the change log, and so does not take turns on
+        it with those that do."""
+        return await asyncio.to_thread(self.run_sync, operation, write, committed, logged=logged)
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """The rows of one statement, without a transaction around it: one round trip, and
@@ -196,8 +257,10 @@ class Database:
         operation: Callable[[Tx], T],
         write: bool | None = False,
         committed: Callable[[], None] | None = None,
+        *,
+        logged: bool = True,
     ) -> T:
-        """``write`` None: a single statement without a transaction (see ``read``)."""
+        """``write`` None: a single statement without a transaction (see ``query``)."""
         try:
             connection = self._idle.get(timeout=self._timeout)
         except queue.Empty:
@@ -207,7 +270,7 @@ class Database:
             if write is None:
                 result = self._statement(connection, operation)
             else:
-                result = self._transaction(connection, operation, write)
+                result = self._transaction(connection, operation, write, logged)
         except Exception:
             _close_quietly(connection)
             connection = None  # a failed connection is replaced on next use
@@ -273,18 +336,33 @@ class Database:
                     current = version
             return int(current)
 
-        # Not a "write": the change log it would lock may not exist yet; the advisory lock
+        # Not logged: the change log it would lock may not exist yet; the advisory lock
         # (PostgreSQL) and SQLite's single writer serialise migrations instead.
-        return self.run_sync(apply)
+        return self.run_sync(apply, write=True, logged=False)
 
     def close(self) -> None:
-        while not self._idle.empty():
-            _close_quietly(self._idle.get_nowait())
+        """Close the pool's connections, those in use too once they are given back (within
+        the timeout): an operation cut short (its task cancelled at shutdown) still ends in
+        its thread and returns its connection after this starts. The pool lends none after."""
+        deadline = time.monotonic() + self._timeout
+        while self._open_slots:
+            try:
+                connection = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return  # still in use: its thread holds it past the timeout
+            self._open_slots -= 1
+            _close_quietly(connection)
 
     async def aclose(self) -> None:
-        self.close()
-        while not self._idle_async.empty():
-            await _close_quietly_async(self._idle_async.get_nowait())
+        """``close``, and the same for the event loop's connections (a shielded query may
+        still be running)."""
+        await asyncio.to_thread(self.close)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                while self._open_async_slots:
+                    connection = await self._idle_async.get()
+                    self._open_async_slots -= 1
+                    await _close_quietly_async(connection)
 
     def _connect(self) -> Any:
         try:
@@ -342,15 +420,22 @@ class Database:
         finally:
             cursor.close()
 
-    def _transaction(self, connection: Any, operation: Callable[[Tx], T], write: bool) -> T:
+    def _transaction(
+        self, connection: Any, operation: Callable[[Tx], T], write: bool, logged: bool
+    ) -> T:
         cursor = connection.cursor()
         try:
             if self.dialect == "sqlite":
                 # IMMEDIATE takes the write lock up front, so writers queue instead of failing.
+                # A read's snapshot (WAL) starts at its first statement and lasts to its end.
                 cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            elif not write:
+                # Every statement of a read sees the same snapshot; read-only transactions
+                # at this level never fail to serialise.
+                cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             else:
                 cursor.execute("BEGIN")
-                if write:
+                if logged:
                     # Writers take turns on the change log, so change versions become visible
                     # in the order they were numbered and a reader following it never skips one.
                     cursor.execute("LOCK TABLE changes IN SHARE ROW EXCLUSIVE MODE")

@@ -89,4 +89,10 @@ class RegistrySettings:
         "410 and reloads the snapshot",
         between(0, 10**9),
     )
+    usage_batch_retention: float = setting(
+        7 * 86400.0,
+        "seconds a usage batch's id is remembered: the same batch sent again within that time is "
+        "counted once (authz-service retries for far less); after it, it would count again",
+        between(3600, 366 * 86400),
+    )
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "log level")

@@ -8,6 +8,10 @@ version never goes back, even when the log is empty.
 
 Keys are stored only as hashes (SHA-256, or HMAC-SHA256 with a server-side pepper). The plaintext
 is returned once, by the operation that creates it.
+
+Usage batches are written apart from all that: they change nothing that validates, so they never
+wait for the change log, and each is counted once, decided by the database (see
+``record_usage``).
 """
 
 from __future__ import annotations
@@ -22,13 +26,19 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from authz_service import apikeys
+from authz_service.contract import identity_document
+from authz_service.model import RateLimit
 from client_registry.db import Database, Snapshot, Tx
+from client_registry.usage import UPSTREAM_CLASSES, Figures, Row, Span, UsageBatch
 
 T = TypeVar("T")
 ACTIVE, SUSPENDED = "active", "suspended"
 CHANGES_CHANNEL = "client_registry_changes"  # PostgreSQL NOTIFY channel: "a change was logged"
 DeleteReason = Literal["revoked", "expired", "suspended", "deleted"]
-_CLIENT_COLUMNS = "client_id, name, email, roles, status, created_at, updated_at"
+_CLIENT_COLUMNS = (
+    "client_id, name, email, roles, status, created_at, updated_at, rate_limit_requests, "
+    "rate_limit_unit"
+)
 # The current version: the newest change, or where pruning stopped if the log is empty. Needs
 # change_log_state as ``s`` in the FROM clause.
 _VERSION = "COALESCE((SELECT MAX(version) FROM changes), s.pruned_through)"
@@ -39,6 +49,24 @@ _VERIFY = (
     "LEFT JOIN clients c ON c.client_id = k.client_id"
 )
 _PRUNE_BATCH = 5000  # rows per pruning transaction, so writers never wait long behind one
+_UPSTREAM_COLUMNS = [f"upstream_{name}" for name in UPSTREAM_CLASSES]
+_FIGURE_COLUMNS = ["allowed", *_UPSTREAM_COLUMNS, "request_bytes", "response_bytes"]
+_ADD_MINUTES = (
+    f"INSERT INTO usage_minutes (client_id, minute, key_id, {', '.join(_FIGURE_COLUMNS)}) "
+    f"VALUES (%s, %s, %s{', %s' * len(_FIGURE_COLUMNS)}) "
+    "ON CONFLICT (client_id, minute, key_id) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_minutes.{c} + excluded.{c}" for c in _FIGURE_COLUMNS)
+)
+_ADD_DENIED = (
+    "INSERT INTO usage_denied (client_id, minute, key_id, reason, count) "
+    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (client_id, minute, key_id, reason) "
+    "DO UPDATE SET count = usage_denied.count + excluded.count"
+)
+_LAST_USED = (
+    "INSERT INTO key_last_used (key_id, client_id, minute) VALUES (%s, %s, %s) "
+    "ON CONFLICT (key_id) DO UPDATE SET client_id = excluded.client_id, "
+    "minute = excluded.minute WHERE excluded.minute > key_last_used.minute"
+)
 
 
 class NotFoundError(LookupError):
@@ -47,6 +75,10 @@ class NotFoundError(LookupError):
 
 class ConflictError(RuntimeError):
     pass
+
+
+class TooMuchUsageError(ValueError):
+    """A usage report would hold more figures than it may."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +90,7 @@ class Client:
     status: str
     created_at: float
     updated_at: float
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +101,7 @@ class Key:
     created_at: float
     expires_at: float | None
     revoked_at: float | None
+    last_used_at: int | None = None  # the start of its newest minute with usage (Unix time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +139,8 @@ class KeySnapshot:
         # order would cost a random read per key); and a client is serialised once, not per key.
         rows = self._snapshot.batches(
             "SELECT k.key_hash, k.key_id, k.expires_at, k.revoked_at, c.client_id, c.name, "
-            "c.roles FROM api_keys k JOIN clients c ON c.client_id = k.client_id "
+            "c.roles, c.rate_limit_requests, c.rate_limit_unit "
+            "FROM api_keys k JOIN clients c ON c.client_id = k.client_id "
             "WHERE c.status = %s AND (k.revoked_at IS NULL OR k.revoked_at > %s) "
             "AND (k.expires_at IS NULL OR k.expires_at > %s) ORDER BY c.client_id",
             (ACTIVE, self._now, self._now),
@@ -115,13 +150,22 @@ class KeySnapshot:
         last_client, client = "", ""
         for batch in rows:
             entries = []
-            for key_hash, kid, expires_at, revoked_at, client_id, name, roles in batch:
+            for key_hash, kid, expires_at, revoked_at, client_id, name, roles, *limit in batch:
                 if client_id != last_client:
-                    # roles is stored as a JSON list already.
-                    last_client, client = (
-                        client_id,
+                    # identity_document's form, written out: roles is stored as JSON already,
+                    # and parsing and dumping it again for each client would add a tenth to a
+                    # large snapshot's time. The tests hold the two forms equal.
+                    last_client, requests, unit = client_id, *limit
+                    client = (
                         f'{{"client_id": {dumps(client_id)}, "client_name": {dumps(name)}, '
-                        f'"roles": {roles}, "status": "{ACTIVE}"}}',
+                        f'"roles": {roles}, "status": "{ACTIVE}"'
+                        + (
+                            ""
+                            if requests is None
+                            else f', "rate_limit": {{"requests_per_unit": {int(requests)}, '
+                            f'"unit": {dumps(unit)}}}'
+                        )
+                        + "}"
                     )
                 entries.append(
                     f'{{"key_hash": {dumps(key_hash)}, "key_id": {dumps(kid)}, "valid_until": '
@@ -166,7 +210,7 @@ class Store:
 
     # --- management --------------------------------------------------------------------------
     async def create_client(
-        self, name: str, email: str, roles: Sequence[str]
+        self, name: str, email: str, roles: Sequence[str], rate_limit: RateLimit | None = None
     ) -> tuple[Client, str, Key]:
         now = self._clock()
         client = Client(
@@ -177,13 +221,24 @@ class Store:
             status=ACTIVE,
             created_at=now,
             updated_at=now,
+            rate_limit=rate_limit,
         )
         key = apikeys.generate(self._prefix)
 
         def create(tx: Tx) -> Key:
             tx.execute(
-                f"INSERT INTO clients ({_CLIENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (client.client_id, name, email, json.dumps(list(roles)), ACTIVE, now, now),
+                f"INSERT INTO clients ({_CLIENT_COLUMNS}) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    client.client_id,
+                    name,
+                    email,
+                    json.dumps(list(roles)),
+                    ACTIVE,
+                    now,
+                    now,
+                    *_limit_columns(rate_limit),
+                ),
             )
             return self._add_key(tx, client, key, now)
 
@@ -203,8 +258,9 @@ class Store:
         def get(tx: Tx) -> tuple[Client, list[Key]]:
             client = _get_client(tx, client_id)
             rows = tx.all(
-                "SELECT key_id, created_at, expires_at, revoked_at FROM api_keys "
-                "WHERE client_id = %s ORDER BY created_at",
+                "SELECT k.key_id, k.created_at, k.expires_at, k.revoked_at, u.minute "
+                "FROM api_keys k LEFT JOIN key_last_used u ON u.key_id = k.key_id "
+                "WHERE k.client_id = %s ORDER BY k.created_at",
                 (client_id,),
             )
             return client, [Key(*row) for row in rows]
@@ -222,23 +278,27 @@ class Store:
                 status=changes.get("status", old.status),
                 created_at=old.created_at,
                 updated_at=self._clock(),
+                rate_limit=changes.get("rate_limit", old.rate_limit),
             )
             tx.execute(
                 "UPDATE clients SET name = %s, email = %s, roles = %s, status = %s, "
-                "updated_at = %s WHERE client_id = %s",
+                "updated_at = %s, rate_limit_requests = %s, rate_limit_unit = %s "
+                "WHERE client_id = %s",
                 (
                     new.name,
                     new.email,
                     json.dumps(list(new.roles)),
                     new.status,
                     new.updated_at,
+                    *_limit_columns(new.rate_limit),
                     client_id,
                 ),
             )
-            identity_changed = (old.name, old.roles, old.status) != (
+            identity_changed = (old.name, old.roles, old.status, old.rate_limit) != (
                 new.name,
                 new.roles,
                 new.status,
+                new.rate_limit,
             )
             if identity_changed:  # every valid key of the client carries the new identity
                 self._log_keys(tx, new, self._valid_key_hashes(tx, client_id))
@@ -293,6 +353,105 @@ class Store:
             return self._add_key(tx, client, key, now)
 
         return key, await self._write(regenerate)
+
+    # --- usage ---------------------------------------------------------------------------------
+    async def record_usage(self, batch: UsageBatch) -> bool:
+        """Count a batch, unless its id has been counted already: True if so (nothing is
+        counted then). The id is inserted in the same transaction as the figures, so of two
+        processes racing with one batch, the second waits on the first's insert and then finds
+        it: a batch is counted once, or, if the transaction fails, not at all. Rows are written
+        in key order, so that batches touching the same rows never deadlock."""
+        now = self._clock()
+        minutes, denied = [], []
+        last_used: dict[str, tuple[str, int]] = {}
+        for (client_id, minute, kid), figures in sorted(batch.usage.items()):
+            upstream = [figures.upstream.get(name, 0) for name in UPSTREAM_CLASSES]
+            minutes.append(
+                (
+                    client_id,
+                    minute,
+                    kid,
+                    figures.allowed,
+                    *upstream,
+                    figures.request_bytes,
+                    figures.response_bytes,
+                )
+            )
+            denied += [
+                (client_id, minute, kid, reason, count)
+                for reason, count in sorted(figures.denied.items())
+                if count
+            ]
+            if last_used.get(kid, ("", -1))[1] < minute:
+                last_used[kid] = (client_id, minute)
+
+        def record(tx: Tx) -> bool:
+            inserted = tx.execute(
+                "INSERT INTO usage_batches (batch_id, source, received_at, entries) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (batch_id) DO NOTHING",
+                (batch.batch_id, batch.source, now, batch.entries),
+            )
+            if not inserted:
+                return True
+            tx.execute_many(_ADD_MINUTES, minutes)
+            tx.execute_many(_ADD_DENIED, denied)
+            tx.execute_many(_LAST_USED, [(k, c, m) for k, (c, m) in sorted(last_used.items())])
+            return False
+
+        return await self._db.run(record, write=True, logged=False)
+
+    async def usage(self, client_id: str, within: Span, max_rows: int) -> list[Row]:
+        """The client's usage in ``within``, per key and bucket, in key then time order: of a
+        client the registry has, or had (its usage outlives it). ``TooMuchUsageError`` beyond
+        ``max_rows`` (key, bucket) figures."""
+        params = (client_id, within.start, within.end, max_rows + 1)
+        where = "WHERE client_id = %s AND minute >= %s AND minute < %s"
+        # Integer division on both dialects (minutes are never negative); hours and days are
+        # whole multiples of them in Unix time, which has no leap seconds.
+        bucket = f"minute / {int(within.bucket)} * {int(within.bucket)}"
+
+        def read(tx: Tx) -> list[Row]:
+            if (
+                tx.one("SELECT 1 FROM clients WHERE client_id = %s", (client_id,)) is None
+                and tx.one("SELECT 1 FROM usage_minutes WHERE client_id = %s LIMIT 1", (client_id,))
+                is None
+            ):
+                raise NotFoundError(f"no client {client_id!r}, and no usage of one")
+            sums = ", ".join(f"SUM({c})" for c in _FIGURE_COLUMNS)
+            rows = tx.all(
+                f"SELECT key_id, {bucket}, {sums} FROM usage_minutes {where} "
+                "GROUP BY 1, 2 ORDER BY 1, 2 LIMIT %s",
+                params,
+            )
+            denied = tx.all(
+                f"SELECT key_id, {bucket}, reason, SUM(count) FROM usage_denied "
+                f"{where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT %s",
+                params,
+            )
+            if len(rows) > max_rows or len(denied) > max_rows:
+                raise TooMuchUsageError(f"more than {max_rows} figures")
+            return _usage_rows(rows, denied)
+
+        return await self._db.run(read)
+
+    async def prune_usage_batches(self, retention: float) -> int:
+        """Forget the ids of batches counted more than ``retention`` seconds ago; return how
+        many. A batch sent again after that is counted again."""
+        cut = self._clock() - retention
+        dropped = 0
+        while True:
+            count = await self._db.run(
+                lambda tx: tx.execute(
+                    "DELETE FROM usage_batches WHERE batch_id IN (SELECT batch_id FROM "
+                    "usage_batches WHERE received_at < %s ORDER BY received_at LIMIT %s)",
+                    (cut, _PRUNE_BATCH),
+                ),
+                write=True,
+                logged=False,
+            )
+            dropped += count
+            if count < _PRUNE_BATCH:
+                return dropped
 
     # --- verification --------------------------------------------------------------------------
     async def verify(self, key: str) -> Verification:
@@ -451,8 +610,45 @@ def _get_client(tx: Tx, client_id: str) -> Client:
 
 
 def _client(row: Sequence[Any]) -> Client:
-    client_id, name, email, roles, status, created_at, updated_at = row
-    return Client(client_id, name, email, tuple(json.loads(roles)), status, created_at, updated_at)
+    client_id, name, email, roles, status, created_at, updated_at, requests, unit = row
+    return Client(
+        client_id,
+        name,
+        email,
+        tuple(json.loads(roles)),
+        status,
+        created_at,
+        updated_at,
+        _rate_limit(requests, unit),
+    )
+
+
+def _rate_limit(requests: int | None, unit: str | None) -> RateLimit | None:
+    return None if requests is None or unit is None else RateLimit(int(requests), unit)
+
+
+def _limit_columns(rate_limit: RateLimit | None) -> tuple[int | None, str | None]:
+    return (None, None) if rate_limit is None else (rate_limit.requests_per_unit, rate_limit.unit)
+
+
+def _usage_rows(rows: list[tuple[Any, ...]], denied: list[tuple[Any, ...]]) -> list[Row]:
+    """Figures from the sums of usage_minutes and usage_denied (PostgreSQL sums to numeric)."""
+    reasons: dict[tuple[str, int], dict[str, int]] = {}
+    for kid, start, reason, count in denied:
+        reasons.setdefault((kid, int(start)), {})[reason] = int(count)
+    classes = len(UPSTREAM_CLASSES)
+    result = []
+    for kid, start, allowed, *sums in rows:
+        upstream = {name: int(n) for name, n in zip(UPSTREAM_CLASSES, sums, strict=False) if n}
+        figures = Figures(
+            int(allowed),
+            reasons.get((kid, int(start)), {}),
+            upstream,
+            int(sums[classes]),
+            int(sums[classes + 1]),
+        )
+        result.append((kid, int(start), figures))
+    return result
 
 
 def _with_version(version: int, payload: str) -> str:
@@ -479,12 +675,9 @@ def _earliest(*times: float | None) -> float | None:
 
 def identity(client: Client) -> dict[str, Any]:
     """A client as the verification API shows it."""
-    return {
-        "client_id": client.client_id,
-        "client_name": client.name,
-        "roles": list(client.roles),
-        "status": client.status,
-    }
+    return identity_document(
+        client.client_id, client.name, client.roles, client.status, client.rate_limit
+    )
 
 
 def _entry(key_hash: str, kid: str, valid_until: float | None, client: Client) -> dict[str, Any]:

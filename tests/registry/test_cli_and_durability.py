@@ -9,8 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +24,7 @@ from tests.registry.postgres import create_database
 pytestmark = pytest.mark.e2e
 
 
-def cli(
-    workdir: Path, url: str, *args: str, env: dict[str, str] | None = None
-) -> dict[str, object]:
+def cli(workdir: Path, url: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, "-m", "client_registry", "clients", "--url", url, *args],
         cwd=workdir,
@@ -60,12 +60,96 @@ def test_serve_needs_no_configuration_and_the_commands_manage_clients(tmp_path: 
         regenerated = cli(tmp_path, running.url, "regenerate", str(created["client_id"]))
         assert regenerated["api_key"] != key
         assert cli(tmp_path, running.url, "revoke", str(created["client_id"])) == {"ok": True}
-        assert len(cli(tmp_path, running.url, "list")["clients"]) == 1  # type: ignore[arg-type]
+        assert len(cli(tmp_path, running.url, "list")["clients"]) == 1
     assert (tmp_path / "registry.db").exists()
     assert (tmp_path / "registry-tokens.json").stat().st_mode & 0o777 == 0o600
     log = (tmp_path / "registry.log").read_text()
     assert key not in log
     assert str(regenerated["api_key"]) not in log
+
+
+def test_the_commands_set_rate_limits_and_export_usage(tmp_path: Path) -> None:
+    """create --rate-limit, set-rate-limit N/UNIT and none, and usage, which reads back a
+    batch recorded by the registry, as JSON."""
+    with registry_process(tmp_path) as running:
+        created = cli(
+            tmp_path,
+            running.url,
+            "create",
+            "--name",
+            "Limited",
+            "--email",
+            "l@example.com",
+            "--rate-limit",
+            "5/second",
+        )
+        client_id = str(created["client_id"])
+        assert created["rate_limit"] == {"requests_per_unit": 5, "unit": "second"}
+        hourly = cli(tmp_path, running.url, "set-rate-limit", client_id, "100/hour")
+        assert hourly["rate_limit"] == {"requests_per_unit": 100, "unit": "hour"}
+        assert cli(tmp_path, running.url, "set-rate-limit", client_id, "none")["rate_limit"] is None
+        entry = {
+            "key_id": created["key_id"],
+            "client_id": client_id,
+            "minute": "2025-01-31T23:59:00Z",
+            "allowed": 3,
+            "denied": {},
+            "upstream": {"2xx": 3},
+            "request_bytes": 0,
+            "response_bytes": 30,
+        }
+        request = urllib.request.Request(  # noqa: S310 (the registry started here, on loopback)
+            running.url + "/v1/usage",
+            data=json.dumps({"batch_id": "cli", "source": "test", "usage": [entry]}).encode(),
+            headers={
+                "Authorization": f"Bearer {running.service_token()}",
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+            assert json.loads(reply.read())["accepted"] == 1
+        exported = cli(
+            tmp_path,
+            running.url,
+            "usage",
+            client_id,
+            "--from",
+            "2025-01-01T00:00:00Z",
+            "--to",
+            "2025-02-01T00:00:00Z",
+            "--granularity",
+            "day",
+        )
+        assert exported["totals"]["allowed"] == 3
+        assert exported["series"][0]["start"] == "2025-01-31T00:00:00Z"
+        last_used = cli(tmp_path, running.url, "get", client_id)["keys"][0]["last_used_at"]
+        assert last_used == "2025-01-31T23:59:00Z"
+
+
+@pytest.mark.parametrize("limit", ["5/week", "0/second", "five/second", "5"])
+def test_a_malformed_rate_limit_is_refused_before_any_call(tmp_path: Path, limit: str) -> None:
+    """Exit status 2 and the form expected; the registry is not asked."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client_registry",
+            "clients",
+            "--url",
+            "http://127.0.0.1:1",
+            "set-rate-limit",
+            "cl_x",
+            limit,
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "REGISTRY_ADMIN_TOKEN": "a" * 32},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "expected N/UNIT" in result.stderr
 
 
 def test_acknowledged_writes_survive_a_crash(tmp_path: Path) -> None:
