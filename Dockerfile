@@ -13,12 +13,14 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first, from the project metadata alone, so that a source change reuses this layer.
 COPY pyproject.toml README.md ./
+COPY scripts/otel-protos ./scripts/
 # DL3013 (pin versions) is ignored: "." is this project, whose dependency versions are bounded
 # in pyproject.toml.
 # hadolint ignore=DL3013
 RUN mkdir -p src/authz_service src/client_registry \
     && touch src/authz_service/__init__.py src/client_registry/__init__.py \
     && pip install --no-cache-dir ".[postgresql,redis,tracing]" \
+    && scripts/otel-protos \
     && pip uninstall --yes authz-service
 COPY src ./src
 # Bytecode is compiled now, so that the service runs on a read-only root filesystem.

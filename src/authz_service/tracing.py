@@ -138,6 +138,12 @@ def _exporter(name: str) -> Any:
         return next(iter(found)).load()()
     except Exception as exc:
         problem = f"the {name} span exporter cannot start: {exc}"
+        if isinstance(exc, ImportError) and "opentelemetry.proto" in str(exc):
+            # xds-protos overwrites opentelemetry-proto's modules with an old copy
+            problem += (
+                "; reinstall opentelemetry-proto over xds-protos' old copy of its files: pip "
+                "install --force-reinstall --no-deps opentelemetry-proto==<its installed version>"
+            )
         raise RuntimeError(f"OTEL_* variables: {problem}") from None
 
 
