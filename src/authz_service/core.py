@@ -125,16 +125,12 @@ class Checker:
     def check(self, request: Request, time_remaining: float | None = None) -> Decision:
         """Decide one check on a worker thread, within our timeout and the caller's remaining
         time; log and count it."""
-        started = time.perf_counter()
-        trace = Trace()
-        if self._tracing is not None:
-            trace.span = self._tracing.start(request)
-        try:
-            decision = self._decide(request, trace)
-            if not isinstance(decision, Decision):
+        started, trace, decision = self._begin(request)
+        if not isinstance(decision, Decision):
+            try:
                 decision = self._wait_on_loop(decision, self._budget(time_remaining))
-        except Exception as exc:  # every failure is a deny, never an error
-            decision = _denial(exc, trace.key_id)
+            except Exception as exc:  # every failure is a deny, never an error
+                decision = _denial(exc, trace.key_id)
         self._record(request, decision, started, trace)
         return decision
 
@@ -143,20 +139,24 @@ class Checker:
     ) -> Decision | asyncio.Future[Decision]:
         """``check``, on the event loop: the decision, or, for a check that must wait for the
         registry, a future of it (the rest of the check runs as a task of its own)."""
-        started = time.perf_counter()
-        trace = Trace()
-        if self._tracing is not None:
-            trace.span = self._tracing.start(request)
-        try:
-            decision = self._decide(request, trace)
-        except Exception as exc:  # as in check
-            decision = _denial(exc, trace.key_id)
+        started, trace, decision = self._begin(request)
         if isinstance(decision, Decision):
             self._record(request, decision, started, trace)
             return decision
         return self._loop.create_task(
             self._finish(request, decision, self._budget(time_remaining), started)
         )
+
+    def _begin(self, request: Request) -> tuple[float, Trace, Decision | Pending]:
+        """A check's start, its trace, and its decision from memory or what it must wait for."""
+        started = time.perf_counter()
+        trace = Trace()
+        try:
+            if self._tracing is not None:
+                trace.span = self._tracing.start(request)
+            return started, trace, self._decide(request, trace)
+        except Exception as exc:  # every failure is a deny, never an error
+            return started, trace, _denial(exc, trace.key_id)
 
     async def explain(
         self, request: Request, client: Client | None = None

@@ -11,7 +11,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from aiohttp import web
 from authz_service import logs
 from client_registry.api import ApiSettings, build_app
 from client_registry.db import Database
-from client_registry.feed import ChangeFeed, prune_forever
+from client_registry.feed import ChangeFeed
 from client_registry.settings import RegistrySettings
 from client_registry.store import CHANGES_CHANNEL, KeyHasher, Store
 
@@ -87,18 +87,15 @@ async def running(settings: RegistrySettings) -> AsyncIterator[Running]:
         store = Store(db, KeyHasher(settings.pepper), settings.key_prefix, on_change=feed.wake)
         await feed.start(store)
         stack.push_async_callback(feed.close)
-        pruner = asyncio.create_task(
-            prune_forever(
-                store, settings.change_retention, settings.change_max_rows, PRUNE_INTERVAL
-            ),
-            name="change-log-pruner",
-        )
-        stack.push_async_callback(_cancel, pruner)
-        usage_pruner = asyncio.create_task(
-            _prune_usage_batches_forever(store, settings.usage_batch_retention, PRUNE_INTERVAL),
-            name="usage-batch-pruner",
-        )
-        stack.push_async_callback(_cancel, usage_pruner)
+        prunes = {
+            "change_log": lambda: store.prune(settings.change_retention, settings.change_max_rows),
+            "usage_batches": lambda: store.prune_usage_batches(settings.usage_batch_retention),
+        }
+        for name, prune in prunes.items():
+            pruner = asyncio.create_task(
+                prune_forever(name, prune, PRUNE_INTERVAL), name=f"{name}-pruner"
+            )
+            stack.push_async_callback(_cancel, pruner)
         app = build_app(
             store,
             ApiSettings(
@@ -155,18 +152,20 @@ async def serve(
         await stop.wait()
 
 
-async def _prune_usage_batches_forever(store: Store, retention: float, interval: float) -> None:
-    """Forget old usage batch ids every ``interval`` seconds (any replica may)."""
+async def prune_forever(name: str, prune: Callable[[], Awaitable[int]], interval: float) -> None:
+    """Prune every ``interval`` seconds (every replica may; pruning twice is harmless).
+    ``name`` (``change_log``, ``usage_batches``) names the log events."""
+    what = name.replace("_", " ")
     while True:
         try:
-            dropped = await store.prune_usage_batches(retention)
+            dropped = await prune()
         except Exception as exc:  # the database is down: try again next time
-            logs.failure(log, "usage batch ids not pruned", "usage_batches_prune_error", exc)
+            logs.failure(log, f"{what} not pruned", f"{name}_prune_error", exc)
         else:
             if dropped:
                 log.info(
-                    "usage batch ids pruned",
-                    extra={"fields": {"event": "usage_batches_pruned", "dropped": dropped}},
+                    f"{what} pruned",
+                    extra={"fields": {"event": f"{name}_pruned", "dropped": dropped}},
                 )
         await asyncio.sleep(interval)
 

@@ -231,20 +231,3 @@ class ChangeFeed:
                 self._first_listen.set()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_RETRY_DELAY)
-
-
-async def prune_forever(store: Store, retention: float, max_rows: int, interval: float) -> None:
-    """Prune the change log every ``interval`` seconds (every replica may; pruning twice is
-    harmless)."""
-    while True:
-        try:
-            dropped = await store.prune(retention, max_rows)
-        except Exception as exc:  # the database is down: try again next time
-            logs.failure(log, "change log not pruned", "change_log_prune_error", exc)
-        else:
-            if dropped:
-                log.info(
-                    "change log pruned",
-                    extra={"fields": {"event": "change_log_pruned", "dropped": dropped}},
-                )
-        await asyncio.sleep(interval)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from socketserver import ThreadingMixIn
+from socketserver import TCPServer, ThreadingMixIn
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
@@ -229,6 +229,19 @@ class Upstream:
 
 
 @contextmanager
+def serving(server: TCPServer, poll_interval: float = 0.5) -> Iterator[int]:
+    """Serve on a thread of its own until the block ends; yields the server's port."""
+    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextmanager
 def echo_upstream(port: int = 0) -> Iterator[Upstream]:
     upstream = Upstream(port=port)
 
@@ -272,15 +285,8 @@ def echo_upstream(port: int = 0) -> Iterator[Upstream]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    upstream.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(ThreadingHTTPServer(("127.0.0.1", port), Handler)) as upstream.port:
         yield upstream
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @dataclass
@@ -312,14 +318,8 @@ def wsgi_upstream() -> Iterator[WsgiUpstream]:
             pass
 
     server = make_server("127.0.0.1", 0, app, server_class=Server, handler_class=Handler)
-    upstream.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(server) as upstream.port:
         yield upstream
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @dataclass

@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from tests.e2e import harness
+
 NDJSON = "application/x-ndjson"
 TOKEN = "stand-in-service-token-0000"
 KEYS_PER_CLIENT = 5
@@ -192,12 +194,6 @@ def stand_in_registry() -> Iterator[StandInRegistry]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    registry.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with harness.serving(server) as port:
+        registry.url = f"http://127.0.0.1:{port}"
         yield registry
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()

@@ -11,7 +11,6 @@ test_transport_parity.py's table.
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -88,14 +87,8 @@ def check_server() -> Iterator[CheckServer]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    stub.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with harness.serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as stub.port:
         yield stub
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")

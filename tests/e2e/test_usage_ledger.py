@@ -322,13 +322,8 @@ def answer_dropper(upstream: int) -> Iterator[AnswerDropper]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    relay.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    try:
+    with harness.serving(server, poll_interval=0.05) as relay.port:
         yield relay
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_totals_are_exact_across_a_registry_outage_longer_than_a_flush_interval(

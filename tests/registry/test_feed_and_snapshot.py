@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 
 from authz_service import apikeys
 from client_registry import api, feed, store
+from client_registry import app as registry_app
 from client_registry.settings import RegistrySettings
 from tests.e2e.harness import registry_process
 from tests.registry.conftest import ADMIN, SERVICE, Event, Registry, read_event, started
@@ -292,7 +293,10 @@ class TestPruning:
         """prune_forever applies the retention settings on its interval."""
         for n in range(3):
             await registry.create(f"C{n}")
-        pruner = asyncio.create_task(feed.prune_forever(registry.running.store, 0, 1, 0.01))
+        store = registry.running.store
+        pruner = asyncio.create_task(
+            registry_app.prune_forever("change_log", lambda: store.prune(0, 1), 0.01)
+        )
         try:
 
             async def pruned() -> bool:

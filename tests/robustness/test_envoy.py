@@ -4,7 +4,6 @@ spelled, and an oversized request is an explicit 413 even where Envoy would fail
 from __future__ import annotations
 
 import http.client
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -202,15 +201,8 @@ def body_upstream() -> Iterator[BodyUpstream]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    upstream.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with harness.serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as upstream.port:
         yield upstream
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
