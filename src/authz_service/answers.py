@@ -29,6 +29,7 @@ from authz_service.reasons import OUTCOMES, UNAUTHORIZED, UNAVAILABLE, Reason
 
 MAX_HEADER_VALUE_LENGTH = 256
 QUOTA_POLICY = "client"  # the name of the one quota policy: each client's own rate limit
+QUOTA_HEADER = "ratelimit"  # what is left now: the one header that changes with every check
 # Printable ASCII except "%": everything else is percent-encoded.
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -93,7 +94,7 @@ def denial(reason: Reason, rule: str | None, settings: AnswerSettings) -> Denial
 def quota_headers(quota: Quota, limited: bool) -> Headers:
     """The RateLimit headers of a rate-limited client's answer (``limited``: a 429, which adds
     ``retry-after``)."""
-    headers = (("ratelimit-policy", quota_policy(quota.limit)), ("ratelimit", quota_now(quota)))
+    headers = (("ratelimit-policy", quota_policy(quota.limit)), (QUOTA_HEADER, quota_now(quota)))
     return (("retry-after", str(quota.reset)), *headers) if limited else headers
 
 

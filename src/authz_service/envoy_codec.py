@@ -140,20 +140,23 @@ def decode_access_logs(
 
 
 class Encoder:
-    """Builds CheckResponses, each at most once per client and key (allows) or per reason and
-    rule (denials). A rate-limited client's answers carry its quota, which changes with every
-    check: each is a copy of a cached answer that has the RateLimit headers already, with
-    only their per-check values set (on an allow only with ``quota_headers_on_allow``)."""
+    """Serialised CheckResponses, each built and serialised at most once per client and key
+    (allows) or per reason and rule (denials). A rate-limited client's answers carry its
+    quota, which changes with every check. On an allow (with ``quota_headers_on_allow``), the
+    cached answer has every header but the last, ``RateLimit``, which is appended as a
+    serialised message of its own: a message followed by another parses as their merge, and
+    a repeated field's entries append. A 429 is a copy of a cached one with its per-check
+    values set."""
 
     def __init__(self, settings: AnswerSettings, quota_headers_on_allow: bool = True) -> None:
         self._settings = settings
         self._quota_on_allow = quota_headers_on_allow
-        self._denials: dict[tuple[Reason, str | None], CheckResponse] = {}
-        self._allows: dict[tuple[Client | None, str | None], CheckResponse] = {}
-        self._limited_allows: dict[tuple[Client | None, str | None], CheckResponse] = {}
+        self._denials: dict[tuple[Reason, str | None], bytes] = {}
+        self._allows: dict[tuple[Client | None, str | None], bytes] = {}
+        self._limited_allows: dict[tuple[Client | None, str | None], bytes] = {}
         self._limited_denials: dict[RateLimit, CheckResponse] = {}
 
-    def encode(self, decision: Decision) -> CheckResponse:
+    def encode(self, decision: Decision) -> bytes:
         quota = decision.quota
         if not decision.allowed:
             if quota is not None:
@@ -163,7 +166,7 @@ class Encoder:
             if denial is None:
                 if len(self._denials) >= _MAX_CACHED_DENIALS:
                     self._denials.clear()
-                denial = self._denials[key] = self._build_denial(*key)
+                denial = self._denials[key] = self._build_denial(*key).SerializeToString()
             return denial
         allow_key = (decision.client, decision.key_id)
         if quota is not None and self._quota_on_allow:
@@ -172,28 +175,25 @@ class Encoder:
         if response is None:
             if len(self._allows) >= _MAX_CACHED_ALLOWS:
                 self._allows.clear()
-            response = self._allows[allow_key] = self._build_allow(*allow_key)
+            response = self._allows[allow_key] = self._build_allow(*allow_key).SerializeToString()
         return response
 
-    def _limited_allow(
-        self, allow_key: tuple[Client | None, str | None], quota: Quota
-    ) -> CheckResponse:
+    def _limited_allow(self, allow_key: tuple[Client | None, str | None], quota: Quota) -> bytes:
         template = self._limited_allows.get(allow_key)
         if template is None:
             if len(self._limited_allows) >= _MAX_CACHED_ALLOWS:
                 self._limited_allows.clear()
-            template = self._build_allow(*allow_key)
-            _add_headers(
-                template.ok_response.response_headers_to_add,
-                answers.quota_headers(quota, limited=False),
-            )
-            self._limited_allows[allow_key] = template  # only once whole: other threads read it
-        response = CheckResponse()
-        response.CopyFrom(template)
-        response.ok_response.response_headers_to_add[-1].header.value = answers.quota_now(quota)
-        return response
+            response = self._build_allow(*allow_key)
+            constant = answers.quota_headers(quota, limited=False)[:-1]  # all but RateLimit
+            _add_headers(response.ok_response.response_headers_to_add, constant)
+            template = self._limited_allows[allow_key] = response.SerializeToString()
+        now = CheckResponse()
+        header = now.ok_response.response_headers_to_add.add().header
+        header.key, header.value = answers.QUOTA_HEADER, answers.quota_now(quota)
+        answer: bytes = template + now.SerializeToString()
+        return answer
 
-    def _limited_denial(self, quota: Quota) -> CheckResponse:
+    def _limited_denial(self, quota: Quota) -> bytes:
         template = self._limited_denials.get(quota.limit)
         if template is None:
             if len(self._limited_denials) >= _MAX_CACHED_DENIALS:
@@ -206,7 +206,8 @@ class Encoder:
         headers = response.denied_response.headers
         headers[-3].header.value = str(quota.reset)  # retry-after
         headers[-1].header.value = answers.quota_now(quota)
-        return response
+        answer: bytes = response.SerializeToString()
+        return answer
 
     def _build_allow(self, client: Client | None, key_id: str | None) -> CheckResponse:
         response = CheckResponse()

@@ -17,7 +17,6 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 from envoy.service.auth.v3 import external_auth_pb2
-from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -54,18 +53,15 @@ class AuthorizationServicer:
         self._max_bytes = max_message_bytes
         self._traced = checker.traced
 
-    def check(self, raw: bytes, context: grpc.ServicerContext) -> CheckResponse:
+    def check(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        """The serialised CheckResponse (gRPC sends bytes as they are)."""
         request = envoy_codec.decode(raw, self._max_bytes)
         if self._traced:
             request = _with_callers_trace(request, context.invocation_metadata())
         return self._encoder.encode(self._checker.check(request, context.time_remaining()))
 
-    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, CheckResponse]]:
-        return {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                self.check, response_serializer=CheckResponse.SerializeToString
-            ),
-        }
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
+        return {"Check": grpc.unary_unary_rpc_method_handler(self.check)}
 
 
 def _with_callers_trace(

@@ -214,8 +214,11 @@ class BatchingHandler(logging.Handler):
 
     def flush(self) -> None:
         lines = []
-        while self._records:
-            record = self._records.popleft()
+        while True:
+            try:  # (a second flush, at close, may be emptying the buffer too)
+                record = self._records.popleft()
+            except IndexError:
+                break
             try:
                 lines.append(self.format(record))
             except Exception:  # a broken record must not stop the writer

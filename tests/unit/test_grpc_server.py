@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,5 +34,5 @@ async def test_arbitrary_request_bytes_get_a_denial_and_never_an_error(raw: byte
     )
     servicer = AuthorizationServicer(checker, Encoder(AnswerSettings()), max_message_bytes=256)
     context: Any = Context()
-    response = await asyncio.to_thread(servicer.check, raw, context)
+    response = CheckResponse.FromString(await asyncio.to_thread(servicer.check, raw, context))
     assert response.status.code != 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
-from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -268,7 +268,8 @@ async def test_over_grpc_envoys_span_for_the_call_is_the_parent_rather_than_the_
     context: Any = CallContext(
         (("traceparent", f"00-{TRACE_ID}-{envoys_span}-01"), ("tracestate", "envoy=1"))
     )
-    assert (await asyncio.to_thread(servicer.check, raw, context)).status.code == 0
+    answer = await asyncio.to_thread(servicer.check, raw, context)
+    assert CheckResponse.FromString(answer).status.code == 0
     span = by_name(exported)[tracing.CHECK_SPAN]
     assert span.parent is not None
     assert f"{span.parent.span_id:016x}" == envoys_span
