@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -147,6 +148,10 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
     async with running(settings) as registry:
+        # What start-up built lives as long as the process: out of the cyclic GC's reach, so
+        # that collections made by per-request garbage do not scan it (a full collection of
+        # it took about 10 ms, a verify's p99 several times over).
+        gc.freeze()
         if port_ready is not None:
             port_ready.set_result(registry.port)
         await stop.wait()
