@@ -19,13 +19,17 @@ transport (``http_check``) only put these on their wire, so both modes answer al
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote
 
+from authz_service import logs
 from authz_service.contract import RATE_UNITS
-from authz_service.model import Client, Quota, RateLimit
+from authz_service.model import Client, Decision, Quota, RateLimit
 from authz_service.reasons import OUTCOMES, UNAUTHORIZED, UNAVAILABLE, Reason
+
+log = logging.getLogger(__name__)
 
 MAX_HEADER_VALUE_LENGTH = 256
 QUOTA_POLICY = "client"  # the name of the one quota policy: each client's own rate limit
@@ -57,6 +61,16 @@ class Denial(NamedTuple):
     rpc_code: int  # the google.rpc code of a gRPC CheckResponse
     headers: Headers
     body: str  # JSON: {"error", "reason", "message"[, "rule"]}
+    reason: Reason  # the reason it gives
+
+
+def log_unanswerable(decision: Decision, exc: Exception) -> None:
+    """Say that a decision's answer could not be built (it is then denied, 503): the error's
+    type, not its text, which may quote what the registry sent."""
+    logs.failure(
+        log, "the answer could not be built; denying", "answer_error", exc,
+        reason=decision.reason.value,
+    )  # fmt: skip
 
 
 def identity(client: Client | None, settings: AnswerSettings) -> Identity:
@@ -72,6 +86,10 @@ def identity(client: Client | None, settings: AnswerSettings) -> Identity:
 
 
 def denial(reason: Reason, rule: str | None, settings: AnswerSettings) -> Denial:
+    """A deny's status, gRPC code, headers and body. A reason that only ever allows is no
+    answer for a deny: such a deny, a bug, says 503 ``internal_error``, never OK."""
+    if OUTCOMES[reason].status.rpc_code == 0:
+        reason, rule = Reason.INTERNAL_ERROR, None
     outcome = OUTCOMES[reason]
     status = outcome.status
     headers = [
@@ -88,7 +106,7 @@ def denial(reason: Reason, rule: str | None, settings: AnswerSettings) -> Denial
         headers.append(("www-authenticate", f'ApiKey realm="{realm}"'))
     if status is UNAVAILABLE:
         headers.append(("retry-after", str(settings.retry_after_seconds)))
-    return Denial(status.http, status.rpc_code, tuple(headers), json.dumps(body))
+    return Denial(status.http, status.rpc_code, tuple(headers), json.dumps(body), reason)
 
 
 def quota_headers(quota: Quota, limited: bool) -> Headers:
@@ -114,5 +132,5 @@ def sanitize(value: str) -> str:
     """Make a registry-supplied string safe as an HTTP header value."""
     value = value.strip()
     if not (value.isascii() and value.isprintable() and "%" not in value):
-        value = quote(value, safe=_SAFE)
+        value = quote(value, safe=_SAFE, errors="replace")  # a lone surrogate becomes "?"
     return value[:MAX_HEADER_VALUE_LENGTH]

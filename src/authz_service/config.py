@@ -148,13 +148,22 @@ def describe(cls: type[Any], prefix: str) -> str:
     return "\n".join(lines)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong in a YAML file, and where, without the text around it: the line PyYAML
+    would quote may hold a secret (a key pasted into a keys file, a token in a config file)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return type(exc).__name__
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise SettingsError(f"--config {path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise SettingsError(f"--config {path}: not valid YAML: {exc}") from None
+        raise SettingsError(f"--config {path}: not valid YAML: {yaml_problem(exc)}") from None
     if document is None:
         return {}
     if not isinstance(document, dict):

@@ -113,7 +113,7 @@ def parse_identity(document: Any, identities: Identities | None = None) -> Clien
     client_id, name, roles = document["client_id"], document["client_name"], document["roles"]
     if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
         raise ContractError("client_id outside the contract")
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH:
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH or not name.isprintable():
         raise ContractError("client_name outside the contract")
     if (
         not isinstance(roles, list)

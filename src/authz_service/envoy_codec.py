@@ -24,12 +24,13 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from authz_service import answers
 from authz_service.answers import AnswerSettings
 from authz_service.model import Client, Decision, Quota, RateLimit, Request
-from authz_service.reasons import OUTCOMES, Reason
+from authz_service.reasons import Reason
 
 # Allow responses depend only on the client and key, and denials only on the reason and rule, so
 # they are built once and reused (never mutated after building). Bounded; cleared when full.
 _MAX_CACHED_ALLOWS = 10_000
 _MAX_CACHED_DENIALS = 1_000
+_UNANSWERABLE = Decision.deny(Reason.INTERNAL_ERROR)
 _NON_HTTP = Request(is_http=False)
 _TOO_LARGE = Request(is_http=True, problem=Reason.REQUEST_TOO_LARGE)
 _UNPARSABLE = Request(is_http=True, problem=Reason.REQUEST_UNPARSABLE)
@@ -157,6 +158,15 @@ class Encoder:
         self._limited_denials: dict[RateLimit, CheckResponse] = {}
 
     def encode(self, decision: Decision) -> bytes:
+        """The serialised answer. Never raises: an answer that cannot be built (a bug, or a
+        value no check foresaw) is the internal-error denial, never a gRPC error."""
+        try:
+            return self._encode(decision)
+        except Exception as exc:
+            answers.log_unanswerable(decision, exc)
+            return self._encode(_UNANSWERABLE)
+
+    def _encode(self, decision: Decision) -> bytes:
         quota = decision.quota
         if not decision.allowed:
             if quota is not None:
@@ -237,11 +247,9 @@ class Encoder:
 
     def _build_denial(self, reason: Reason, rule: str | None) -> CheckResponse:
         response = CheckResponse()
-        if OUTCOMES[reason].status.rpc_code == 0:
-            return response  # allow-only reasons never reach a denial
-        status, rpc_code, headers, body = answers.denial(reason, rule, self._settings)
+        status, rpc_code, headers, body, given = answers.denial(reason, rule, self._settings)
         response.status.code = rpc_code
-        response.status.message = reason.value
+        response.status.message = given.value
         denied = response.denied_response
         denied.status.code = status
         denied.headers.extend(

@@ -45,7 +45,9 @@ class Mode(StrEnum):
 
 
 class _ResyncRequiredError(Exception):
-    pass
+    def __init__(self, why: str = "changes_pruned") -> None:
+        super().__init__(why)
+        self.why = why
 
 
 class _RefusedError(Exception):
@@ -102,8 +104,8 @@ class ChangeFeed:
             while True:
                 try:
                     await self._stream(session)  # returns only by raising
-                except _ResyncRequiredError:
-                    await self._resync(session, "changes_pruned")
+                except _ResyncRequiredError as required:
+                    await self._resync(session, required.why)
                     continue
                 except _RefusedError as refused:
                     retry_in = refused.retry_after or delay
@@ -168,11 +170,7 @@ class ChangeFeed:
             try:
                 change = contract.parse_change(json.loads(data))
             except (ContractError, ValueError, RecursionError) as exc:
-                self.malformed_events += 1
-                log.error(
-                    "malformed change event; resyncing, as it may have been a revocation",
-                    extra={"fields": {"event": "feed_malformed_event", "error": str(exc)}},
-                )
+                self._malformed(exc)
                 self._take_id(event_id)
                 await self._resync(session, "malformed_event")
                 return
@@ -196,8 +194,8 @@ class ChangeFeed:
         while True:
             try:
                 await self._poll(session)
-            except _ResyncRequiredError:
-                await self._resync(session, "changes_pruned")
+            except _ResyncRequiredError as required:
+                await self._resync(session, required.why)
             except Exception as exc:
                 unanswered = True
                 logs.failure(log, "registry change log not read", "feed_poll_failed", exc)
@@ -214,13 +212,26 @@ class ChangeFeed:
             return
         while True:
             document = await self._changes(session, {"since": str(self.version)})
-            changes = [contract.parse_change(item) for item in document["changes"]]
-            for change in changes:
+            for item in document["changes"]:
+                try:
+                    change = contract.parse_change(item)
+                except (ContractError, ValueError, RecursionError) as exc:
+                    # As on the stream: it may have been a revocation, so start afresh rather
+                    # than ask for the same page again and again.
+                    self._malformed(exc)
+                    raise _ResyncRequiredError("malformed_event") from None
                 self._consumer.apply(change)
                 self.version = change.version
                 self.last_event_at = time.time()
-            if not changes:
+            if not document["changes"]:
                 return
+
+    def _malformed(self, exc: Exception) -> None:
+        self.malformed_events += 1
+        log.error(
+            "malformed change event; resyncing, as it may have been a revocation",
+            extra={"fields": {"event": "feed_malformed_event", "error": str(exc)}},
+        )
 
     async def _resync(self, session: aiohttp.ClientSession, why: str) -> None:
         """Have the consumer start afresh; retried until it succeeds. A consumer that keeps no

@@ -38,6 +38,7 @@ import httptools
 from authz_service import answers
 from authz_service.answers import AnswerSettings
 from authz_service.core import Checker
+from authz_service.envoy_codec import HTTP_CLIENT_ID_METADATA, HTTP_KEY_ID_METADATA
 from authz_service.health import supervise
 from authz_service.model import Client, Decision, Request
 from authz_service.reasons import Reason
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 MAX_HEADERS = 100  # Envoy's own default limit on request headers
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 16  # requests read ahead of their answers on one connection
-ROUTE_PREFIX = "x-authz-route-"
 # The route requirements a route's headers_to_add may set, as context_extensions names them.
 ROUTE_HEADERS = {
     "x-authz-route-required-roles": "required_roles",
@@ -55,7 +55,8 @@ ROUTE_HEADERS = {
     "x-authz-route-rule-id": "rule_id",
 }
 _REPEATED_ROUTE = (("repeated_route_header", "true"),)  # closes the route (an unknown key)
-_METADATA = ("x-authz-client-id", "x-authz-client-name", "x-authz-key-id")
+# Answer headers that Envoy's dynamic_metadata_from_headers turns into metadata.
+_METADATA = (HTTP_CLIENT_ID_METADATA, "x-authz-client-name", HTTP_KEY_ID_METADATA)
 _KEPT = {  # the request headers read, by the name httptools gives (bytes)
     name.encode(): name
     for name in (
@@ -70,6 +71,7 @@ _KEPT = {  # the request headers read, by the name httptools gives (bytes)
 }
 _ROUTE_NAMES = frozenset(ROUTE_HEADERS)
 _MAX_CACHED = 10_000
+_UNANSWERABLE = Decision.deny(Reason.INTERNAL_ERROR)
 
 
 def _as_envoy_does(error: UnicodeError) -> tuple[str, int]:
@@ -109,6 +111,14 @@ class Responses:
         self._denials: dict[tuple[Reason, str | None], _Message] = {}
 
     def of(self, decision: Decision) -> bytes:
+        """The answer. Never raises: one that cannot be built is the internal-error denial."""
+        try:
+            return self._of(decision)
+        except Exception as exc:
+            answers.log_unanswerable(decision, exc)
+            return self._of(_UNANSWERABLE)
+
+    def _of(self, decision: Decision) -> bytes:
         quota = decision.quota
         if decision.allowed:
             allow_key = (decision.client, decision.key_id)
@@ -142,7 +152,7 @@ class Responses:
         return _message(200, lines, b"")
 
     def _deny(self, reason: Reason, rule: str | None) -> _Message:
-        status, _, headers, body = answers.denial(reason, rule, self._settings)
+        status, _, headers, body, _ = answers.denial(reason, rule, self._settings)
         return _message(status, list(headers), body.encode())
 
 

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from authz_service.config import yaml_problem
 from authz_service.model import Client, Request, Route
 from authz_service.reasons import Reason
 from authz_service.watched_file import WatchedFile
@@ -310,7 +311,7 @@ def parse(text: str, source: str) -> Policy:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+        raise PolicyError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(document, dict):
         raise PolicyError(f"{source}: expected a mapping with 'version', 'default' and 'rules'")
     unknown = set(document) - _TOP_FIELDS

@@ -200,10 +200,13 @@ class CachingResolver:
         self.invalidate(change.digest, None)
 
     async def resync(self) -> None:
-        """Changes may have been missed: forget every answer, and every lookup in flight asks
-        again once its answer arrives."""
+        """Changes may have been missed: no answer cached or in flight is trusted. A lookup in
+        flight asks again once its answer arrives; a cached key is asked again on its next
+        check (``changed_since``), and is never served stale meanwhile, but stays known: the
+        cold-lookup limit is for keys never seen, so a resync cannot turn the checks of every
+        known key into 503s. Refusals are forgotten (the key may exist now)."""
         self._changes.lost_track()
-        self._cache.clear()
+        self._cache.pop_where(lambda value: not isinstance(value, Client))
 
     # --- on the event loop ---------------------------------------------------------------------
     async def _resolve(self, credential: Credential) -> Known:

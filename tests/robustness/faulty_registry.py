@@ -172,6 +172,12 @@ class Registry:
         self.push(event(version, "change", json.dumps({"version": version, **payload})))
         return version
 
+    def poison(self, payload: dict[str, Any]) -> int:
+        """A change the contract refuses, in the log (for followers that poll), not streamed."""
+        version = self.live.version = self.live.version + 1
+        self.log.append((version, payload))
+        return version
+
     def push(self, data: bytes | None) -> None:
         for queue in self.streams:
             queue.put_nowait(data)
@@ -383,6 +389,7 @@ class Registry:
             "restore": self.restore,
             "suspend": self.suspend,
             "event": lambda body: self.push(event(body["id"], "change", body["data"])),
+            "poison-log": lambda body: self.poison(body["payload"]),
             "release": lambda _: self.release(),
             "end-streams": lambda _: self.push(None),
             "state": lambda _: None,
@@ -591,6 +598,10 @@ class FaultyRegistry:
     async def event(self, data: str, event_id: str | None = None) -> None:
         """Push a raw ``change`` event (``data`` as is) to every open stream."""
         await self.control("event", {"data": data, "id": event_id})
+
+    async def poison_log(self, payload: dict[str, Any]) -> int:
+        """Put ``payload`` in the change log as the next change, unchecked and not streamed."""
+        return int((await self.control("poison-log", {"payload": payload}))["result"])
 
     async def release(self) -> None:
         await self.control("release")

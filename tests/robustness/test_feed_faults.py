@@ -126,6 +126,36 @@ async def test_a_refused_stream_is_followed_by_polling_and_revocations_still_arr
     await until_metric(service, lambda m: feed_mode(m) == "streaming", "streaming again")
 
 
+async def test_a_malformed_change_met_while_polling_makes_the_feed_resync_and_go_on(
+    service: harness.Service, registry: FaultyRegistry
+) -> None:
+    """Polling (the stream refused), the change log serves an entry the contract refuses: it
+    is counted and answered by a resync, rather than by asking for the same page again and
+    again, and the next revocation still arrives."""
+    key = await registry.add_key("poisoned-poll")
+    await registry.faults(stream="refuse", retry_after=1)
+    await registry.end_streams()
+    await until_metric(service, lambda m: feed_mode(m) == "polling", "polling mode")
+    before = await scrape(service)
+    async with accounted(service) as checks:
+        await until_allowed(checks, key)
+        await registry.poison_log({"op": "explode", "key_hash": HASH})
+        after = await until_metric(
+            service,
+            lambda m: (
+                m.value("authz_feed_resyncs_total") > before.value("authz_feed_resyncs_total")
+            ),
+            "the resync for the malformed change",
+        )
+        await registry.revoke(key)
+        await until_denied(checks, key)
+    assert after.value("authz_feed_malformed_events_total") == (
+        before.value("authz_feed_malformed_events_total") + 1
+    )
+    await registry.faults()
+    await until_metric(service, lambda m: feed_mode(m) == "streaming", "streaming again")
+
+
 async def test_a_change_log_that_no_longer_reaches_back_makes_the_feed_resync(
     service: harness.Service, registry: FaultyRegistry
 ) -> None:

@@ -72,6 +72,8 @@ def test_each_refusal_keeps_its_reason(reason: str, expected: Reason) -> None:
         {"valid": True, "client": {**IDENTITY, "status": "suspended"}, "valid_until": None},
         {"valid": True, "client": {**IDENTITY, "client_id": "a b"}, "valid_until": None},
         {"valid": True, "client": {**IDENTITY, "client_name": ""}, "valid_until": None},
+        {"valid": True, "client": {**IDENTITY, "client_name": "a\nb"}, "valid_until": None},
+        {"valid": True, "client": {**IDENTITY, "client_name": "x\ud800"}, "valid_until": None},
         {"valid": True, "client": {**IDENTITY, "roles": "admin"}, "valid_until": None},
         {"valid": True, "client": {**IDENTITY, "roles": ["a\nb"]}, "valid_until": None},
         {

@@ -350,6 +350,20 @@ class TestChanges:
         await resolver.resync()
         assert cached(resolver) is None
 
+    async def test_after_a_resync_known_keys_are_asked_again_past_the_cold_lookup_limit(
+        self, resolver: CachingResolver, backend: FakeVerifier
+    ) -> None:
+        """The registry's answer decides again, and a key already known is not refused as if
+        it had never been seen, however many new keys took the cold-lookup burst."""
+        await resolve(resolver)
+        for n in range(4):  # the rest of the burst of 5
+            await resolve(resolver, f"azk_burst_{n}")
+        await resolver.resync()
+        backend.answers[apikeys.digest(KEY)] = Answer(Reason.KEY_REVOKED)
+        assert await resolve(resolver) is Reason.KEY_REVOKED
+        with pytest.raises(RegistryBusyError):
+            resolver.lookup(credential("azk_never_seen"))
+
     async def test_an_answer_in_flight_across_a_resync_is_asked_again(
         self, resolver: CachingResolver, backend: FakeVerifier
     ) -> None:

@@ -89,6 +89,15 @@ class TestParse:
         assert record.fields["event"] == "keys_file_warning"  # type: ignore[attr-defined]
         assert "no keys" in record.fields["warning"]  # type: ignore[attr-defined]
 
+    def test_a_yaml_error_says_where_but_never_quotes_the_line(self) -> None:
+        """PyYAML quotes the offending line, which may hold a key pasted in by mistake."""
+        key = apikeys.generate()
+        with pytest.raises(KeysFileError) as error:
+            parse(f"keys:\n- sha256: {key}: oops\n", "f")
+        assert str(error.value) == "f: not valid YAML: mapping values are not allowed here " + (
+            f"(line 2, column {len(key) + 11})"
+        )
+
     @pytest.mark.parametrize(
         ("value", "message"),
         [

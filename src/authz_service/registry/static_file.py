@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from authz_service import apikeys, credentials
+from authz_service.config import yaml_problem
 from authz_service.contract import (
     CLIENT_ID_PATTERN,
     MAX_NAME_LENGTH,
@@ -82,7 +83,7 @@ def parse_with_warnings(text: str, source: str) -> tuple[dict[str, KeyRecord], l
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise KeysFileError(f"{source}: not valid YAML: {exc}") from None
+        raise KeysFileError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
     warnings = []
     if document is None:
         document = {"version": FORMAT_VERSION, "keys": []}
