@@ -54,10 +54,6 @@ class TtlCache(Generic[K, V]):
                 self._entries.popitem(last=False)
                 self.evictions += 1
 
-    def values(self) -> list[V]:
-        with self._lock:
-            return [entry.value for entry in self._entries.values()]
-
     def pop(self, key: K) -> Entry[V] | None:
         with self._lock:
             return self._entries.pop(key, None)

@@ -185,7 +185,7 @@ class Checker:
             return self._non_http
 
         # 1. Identity: the request's one API key, checked offline.
-        credential = credentials.extract(request.authorization, self._rules)
+        credential = credentials.extract(request.authorization.reveal(), self._rules)
         if isinstance(credential, Reason):
             return Decision.deny(credential)
         trace.key_id = credential.key_id

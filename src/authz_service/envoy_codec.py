@@ -23,7 +23,15 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
 from authz_service import answers
 from authz_service.answers import AnswerSettings
-from authz_service.model import Client, Decision, Quota, RateLimit, Request
+from authz_service.model import (
+    NO_AUTHORIZATION,
+    Authorization,
+    Client,
+    Decision,
+    Quota,
+    RateLimit,
+    Request,
+)
 from authz_service.reasons import Reason
 
 # Allow responses depend only on the client and key, and denials only on the reason and rule, so
@@ -68,12 +76,12 @@ def _decode(check: CheckRequest) -> Request:
                     entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
                 )
                 found.setdefault(name, []).append(value)
-        authorization = tuple(found.get("authorization", ()))
+        authorization = Authorization(tuple(found.get("authorization", ())))
         headers = {name: values[0] for name, values in found.items()}
     else:
         headers = http.headers
         value = headers.get("authorization")
-        authorization = () if value is None else (value,)
+        authorization = NO_AUTHORIZATION if value is None else Authorization((value,))
     return Request(
         is_http=True,
         authorization=authorization,

@@ -40,7 +40,7 @@ from authz_service.answers import AnswerSettings
 from authz_service.core import Checker
 from authz_service.envoy_codec import HTTP_CLIENT_ID_METADATA, HTTP_KEY_ID_METADATA
 from authz_service.health import supervise
-from authz_service.model import Client, Decision, Request
+from authz_service.model import Authorization, Client, Decision, Request
 from authz_service.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ class HttpCheckServer:
                 )
         return Request(
             is_http=True,
-            authorization=tuple(headers.get("authorization", ())),
+            authorization=Authorization(tuple(headers.get("authorization", ()))),
             method=(method or b"").decode("latin-1"),
             host=_first(headers, "host"),
             path=target.partition("?")[0].partition("#")[0],

@@ -239,8 +239,7 @@ class RateLimiter:
         """The decision with the client's quota applied: at once from the local bucket, or
         the take from Redis that the check awaits on the event loop, in its deadline."""
         if self._shared is None or self._shared.down:
-            client_id = allowed.client.client_id if allowed.client else ""
-            return limited(allowed, limit, self.local.take(client_id, limit), shared=False)
+            return self._locally(allowed, limit)
         return SharedTake(
             self._shared_take(self._shared, allowed, limit),
             functools.partial(self._locally, allowed, limit),

@@ -240,10 +240,6 @@ class BatchingHandler(logging.Handler):
         self.flush()
         super().close()
 
-    @property
-    def writer_alive(self) -> bool:
-        return self._writer.is_alive()
-
     def _run(self) -> None:
         # Never ends before close(): a failed write (stderr gone, a closed pipe) loses that
         # batch, which is counted, and the next batch is tried.

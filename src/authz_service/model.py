@@ -21,11 +21,49 @@ REDACTED = "[redacted]"
 Route = tuple[tuple[str, str], ...]
 
 
+class Authorization:
+    """A request's Authorization values, as received. They carry the key, so every text form
+    is "[redacted]", and it cannot be serialised: a Request handed to a log call, a repr or a
+    serialiser by mistake never shows them. ``reveal()`` gives them, to find the key."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: tuple[str, ...] = ()) -> None:
+        self._values = values
+
+    def reveal(self) -> tuple[str, ...]:
+        return self._values
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Authorization) and other._values == self._values
+
+    def __hash__(self) -> int:
+        return hash(self._values)
+
+    def __repr__(self) -> str:
+        return f"Authorization({REDACTED})" if self._values else "Authorization()"
+
+    def __str__(self) -> str:
+        return REDACTED
+
+    def __format__(self, spec: str) -> str:
+        return REDACTED
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("Authorization values cannot be serialised")
+
+
+NO_AUTHORIZATION = Authorization()
+
+
 class Request(NamedTuple):
     """What the check needs from one request to authorize, whichever transport brought it."""
 
     is_http: bool
-    authorization: tuple[str, ...] = ()  # every Authorization value, as received
+    authorization: Authorization = NO_AUTHORIZATION  # every Authorization value, as received
     method: str = ""
     host: str = ""
     path: str = ""  # without query string or fragment

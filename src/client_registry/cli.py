@@ -37,6 +37,17 @@ from client_registry.settings import ENV_PREFIX, RegistrySettings
 log = logging.getLogger(__name__)
 # Read by the clients command (for --url), not a setting of the server.
 _URL_VARIABLE = "REGISTRY_URL"
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is: urllib would send the admin token on to
+    wherever it points, on any host."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 _LOOKUP_ORDER = (
     "--token-file, REGISTRY_ADMIN_TOKEN (or admin_token in --config), then the tokens file "
     "that 'client-registry serve' writes (REGISTRY_TOKENS_FILE, default registry-tokens.json)"
@@ -224,7 +235,7 @@ def _clients(args: argparse.Namespace, settings: RegistrySettings) -> int:
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+        with _NO_REDIRECTS.open(request, timeout=10) as reply:
             text = reply.read().decode()
     except urllib.error.HTTPError as exc:
         print(exc.read().decode() or json.dumps({"error": exc.code}), file=sys.stderr)

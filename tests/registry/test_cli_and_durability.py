@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.request
 from contextlib import closing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 from authz_service import apikeys
 from client_registry.db import MIGRATIONS, Database
+from tests.e2e import harness
 from tests.e2e.harness import registry_process
 from tests.registry.postgres import create_database
 
@@ -272,3 +274,49 @@ def test_an_unreachable_database_stops_serve_with_one_clear_line(tmp_path: Path)
     assert result.returncode == 1
     assert "cannot start: cannot open the postgresql database" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_commands_never_follow_a_redirect_with_the_admin_token(tmp_path: Path) -> None:
+    """A registry URL that redirects (a misconfigured proxy, say) is an error: the token is
+    not sent on to where it points."""
+    seen: list[str | None] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("authorization"))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with harness.serving(ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)) as elsewhere:
+
+        class Redirecting(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(307)
+                self.send_header("location", f"http://127.0.0.1:{elsewhere}{self.path}")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        with harness.serving(ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)) as port:
+            result = subprocess.run(
+                [sys.executable, "-m", "client_registry", "clients", "list"],
+                cwd=tmp_path,
+                env={
+                    **os.environ,
+                    "REGISTRY_URL": f"http://127.0.0.1:{port}",
+                    "REGISTRY_ADMIN_TOKEN": "a" * 32,
+                },
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+    assert result.returncode != 0
+    assert seen == []

@@ -16,7 +16,7 @@ from authz_service import apikeys
 from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
 from authz_service.metrics import Metrics
-from authz_service.model import Client, Decision, Request
+from authz_service.model import Authorization, Client, Decision, Request
 from authz_service.policy import NO_POLICY, Policy, parse
 from authz_service.reasons import Reason
 from authz_service.registry import RegistryBusyError, RegistryError
@@ -60,7 +60,9 @@ def checker(
 
 
 def http(*authorization: str, path: str = "/") -> Request:
-    return Request(is_http=True, authorization=authorization, method="GET", path=path)
+    return Request(
+        is_http=True, authorization=Authorization(authorization), method="GET", path=path
+    )
 
 
 def checks(labels: dict[str, str], metrics: Metrics) -> float:

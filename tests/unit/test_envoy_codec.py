@@ -11,7 +11,7 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
 from authz_service.answers import AnswerSettings, sanitize
 from authz_service.envoy_codec import Encoder, decode
-from authz_service.model import Client, Decision, Quota, RateLimit, Request
+from authz_service.model import Authorization, Client, Decision, Quota, RateLimit, Request
 from authz_service.reasons import OUTCOMES, Reason
 
 
@@ -40,7 +40,7 @@ class TestDecode:
         request = read(http_check({"authorization": "ApiKey abc", "other": "x"}))
         assert request == Request(
             is_http=True,
-            authorization=("ApiKey abc",),
+            authorization=Authorization(("ApiKey abc",)),
             method="POST",
             host="api.example",
             path="/v1/things",
@@ -64,26 +64,26 @@ class TestDecode:
 
     def test_a_request_without_authorization_has_none(self) -> None:
         """No header means an empty tuple, not an empty string."""
-        assert read(http_check({})).authorization == ()
+        assert read(http_check({})).authorization.reveal() == ()
 
     def test_raw_header_map_keeps_every_repeated_value(self) -> None:
         """With encode_raw_headers, each Authorization entry is a separate value."""
         request = read(
             http_check(raw=[("authorization", b"ApiKey a"), ("Authorization", b"ApiKey b")])
         )
-        assert request.authorization == ("ApiKey a", "ApiKey b")
+        assert request.authorization.reveal() == ("ApiKey a", "ApiKey b")
 
     def test_raw_header_map_with_invalid_utf8_keeps_the_damage_visible(self) -> None:
         """Invalid bytes become U+FFFD, which no key may contain, so the check will fail closed."""
         request = read(http_check(raw=[("authorization", b"ApiKey a\xffb")]))
-        assert request.authorization == ("ApiKey a\ufffdb",)
+        assert request.authorization.reveal() == ("ApiKey a\ufffdb",)
 
     def test_raw_header_map_wins_over_the_merged_map(self) -> None:
         """When both forms are present, the raw entries are authoritative."""
         request = read(
             http_check({"authorization": "ApiKey merged"}, raw=[("authorization", b"ApiKey raw")])
         )
-        assert request.authorization == ("ApiKey raw",)
+        assert request.authorization.reveal() == ("ApiKey raw",)
 
     def test_a_check_without_http_attributes_is_a_non_http_request(self) -> None:
         """Envoy's network ext_authz sends no HTTP part; that is a request of its own kind."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +19,7 @@ from authz_service.logs import (
     _DecisionRecord,
     decision,
 )
-from authz_service.model import Client, Decision, Quota, RateLimit, Request, Trace
+from authz_service.model import Authorization, Client, Decision, Quota, RateLimit, Request, Trace
 from authz_service.reasons import Reason
 
 
@@ -60,7 +62,7 @@ def test_a_decision_line_names_who_what_and_why_but_not_the_query(caplog: object
         decision(
             Request(
                 is_http=True,
-                authorization=("ApiKey secret-key",),
+                authorization=Authorization(("ApiKey secret-key",)),
                 method="GET",
                 host="h",
                 path="/p",
@@ -250,3 +252,23 @@ def test_a_decision_line_rendered_directly_is_the_generic_formatters_line(
         **record.fields,
     }
     assert record.render("T") == json.dumps(expected, ensure_ascii=False)
+
+
+def test_a_request_shows_no_authorization_in_any_text_form() -> None:
+    """The header carries the key: a Request logged, formatted or serialised by mistake (by a
+    formatter that dumps a record's attributes, say) never shows it."""
+    request = Request(is_http=True, authorization=Authorization(("ApiKey azk_secret",)))
+    for text in (repr(request), str(request), f"{request.authorization}", str(vars(Holder()))):
+        assert "azk_secret" not in text
+    with pytest.raises(TypeError):
+        json.dumps(list(request))
+    with pytest.raises(TypeError):
+        pickle.dumps(request)
+    assert request.authorization.reveal() == ("ApiKey azk_secret",)
+
+
+class Holder:
+    """What a stdlib formatter that lists a record's attributes would see."""
+
+    def __init__(self) -> None:
+        self.request = Request(is_http=True, authorization=Authorization(("ApiKey azk_secret",)))

@@ -14,7 +14,7 @@ from authz_service import apikeys, contract
 from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
 from authz_service.limits import LocalBuckets, RateLimiter, standing
-from authz_service.model import Client, Decision, Quota, RateLimit, Request
+from authz_service.model import Authorization, Client, Decision, Quota, RateLimit, Request
 from authz_service.policy import parse
 from authz_service.reasons import Reason
 from authz_service.registry.snapshot import SnapshotRegistry
@@ -101,7 +101,8 @@ def checker(
 
 
 def check(path: str = "/") -> Request:
-    return Request(is_http=True, authorization=(f"ApiKey {KEY}",), method="GET", path=path)
+    auth = Authorization((f"ApiKey {KEY}",))
+    return Request(is_http=True, authorization=auth, method="GET", path=path)
 
 
 class TestTheBucket:

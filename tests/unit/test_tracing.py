@@ -31,7 +31,7 @@ from authz_service.core import Checker, CheckSettings
 from authz_service.credentials import CredentialRules
 from authz_service.envoy_codec import Encoder
 from authz_service.grpc_server import AuthorizationServicer
-from authz_service.model import Client, Credential, Decision, Request
+from authz_service.model import Authorization, Client, Credential, Decision, Request
 from authz_service.policy import parse
 from authz_service.reasons import Reason
 from authz_service.registry import Registry, RegistryError
@@ -103,7 +103,7 @@ def resolver(verifier: FakeVerifier) -> CachingResolver:
 def request(key: str = KEY, traceparent: str = TRACEPARENT, tracestate: str = "") -> Request:
     return Request(
         is_http=True,
-        authorization=(f"ApiKey {key}",),
+        authorization=Authorization((f"ApiKey {key}",)),
         method="GET",
         path="/orders/1",
         request_id="req-1",

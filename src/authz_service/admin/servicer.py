@@ -15,7 +15,7 @@ import grpc
 from authz_service import apikeys
 from authz_service.admin.v1 import admin_pb2, admin_pb2_grpc
 from authz_service.core import Checker
-from authz_service.model import Client, Decision, Request, Trace
+from authz_service.model import Authorization, Client, Decision, Request, Trace
 from authz_service.reasons import OUTCOMES
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -34,7 +34,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         who = message.WhichOneof("who")
         request = Request(
             is_http=True,
-            authorization=(f"ApiKey {message.key}",) if who == "key" else (),
+            authorization=Authorization((f"ApiKey {message.key}",) if who == "key" else ()),
             method=message.method or "GET",
             host=message.host,
             path=message.path.partition("?")[0].partition("#")[0],
