@@ -26,9 +26,17 @@ class SettingsError(ValueError):
     """A setting is invalid; the message names it."""
 
 
-def setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
-    """A settings field: its default, its description for --help, and an optional check."""
-    return field(default=default, metadata={"doc": doc, "check": check})
+def setting(
+    default: Any,
+    doc: str,
+    check: Callable[[Any], str | None] | None = None,
+    *,
+    secret: bool = False,
+) -> Any:
+    """A settings field: its default, its description for --help, and an optional check. The
+    value of a ``secret`` one (a token, a URL that may carry a password) is never repeated in
+    an error."""
+    return field(default=default, metadata={"doc": doc, "check": check, "secret": secret})
 
 
 def address(unix_ok: bool) -> Callable[[str], str | None]:
@@ -72,10 +80,11 @@ def load(
             raw = from_file[f.name]
         else:
             continue
-        value = _coerce(raw, hints[f.name], where, f.metadata["doc"])
+        got = "the value is not shown" if f.metadata["secret"] else f"got {raw!r}"
+        value = _coerce(raw, hints[f.name], where, f.metadata["doc"], got)
         problem = f.metadata["check"](value) if f.metadata["check"] else None
         if problem:
-            raise SettingsError(f"{where}: {problem}; got {raw!r}")
+            raise SettingsError(f"{where}: {problem}; {got}")
         values[f.name] = value
     return cls(**values)
 
@@ -171,7 +180,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     return document
 
 
-def _coerce(raw: Any, kind: Any, where: str, doc: str) -> Any:
+def _coerce(raw: Any, kind: Any, where: str, doc: str, got: str) -> Any:
     if get_origin(kind) is Literal:
         convert: Callable[[Any], Any] = _choice(get_args(kind))
     elif get_origin(kind) is tuple:
@@ -184,7 +193,7 @@ def _coerce(raw: Any, kind: Any, where: str, doc: str) -> Any:
     try:
         return convert(raw)
     except ValueError as exc:
-        raise SettingsError(f"{where}: {exc}; got {raw!r}") from None
+        raise SettingsError(f"{where}: {exc}; {got}") from None
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:

@@ -96,6 +96,7 @@ class Settings:
         "",
         "bearer token Envoy must send on access-log streams (grpc_service initial_metadata "
         "'authorization: Bearer <token>'); empty: streams are not authenticated",
+        secret=True,
     )
     admin_address: str = _setting(
         "127.0.0.1:9002",
@@ -113,7 +114,7 @@ class Settings:
         "http://127.0.0.1:8081", "base URL of the client registry (registry=http)", _url
     )
     registry_token: str = _setting(
-        "", "service token of the client registry's verification API (registry=http)"
+        "", "service token of the client registry's verification API (registry=http)", secret=True
     )
     registry_timeout: float = _setting(
         0.1,
@@ -172,6 +173,7 @@ class Settings:
         "redis://host:port/db of a Redis shared by the replicas: a second cache tier "
         "(registry=http) and the rate-limit buckets; empty: in-process cache and limits only",
         _redis_url,
+        secret=True,  # redis://:password@host
     )
     redis_timeout: float = _setting(
         0.02,

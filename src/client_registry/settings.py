@@ -31,21 +31,28 @@ class RegistrySettings:
     database_url: str = setting(
         "sqlite:///registry.db",
         "sqlite:///path/to/file.db (default, zero set-up) or postgresql://user@host:port/db",
+        secret=True,  # postgresql://user:password@host
     )
     admin_token: str = setting(
-        "", "bearer token of the management API (empty: generated into the tokens file)", _token
+        "",
+        "bearer token of the management API (empty: generated into the tokens file)",
+        _token,
+        secret=True,
     )
     service_token: str = setting(
         "",
         "bearer token of the verification API used by authz-service (empty: generated into "
         "the tokens file)",
         _token,
+        secret=True,
     )
     tokens_file: Path = setting(
         Path("registry-tokens.json"), "where generated tokens are kept (mode 0600)"
     )
     pepper: str = setting(
-        "", "optional server-side secret: keys are then stored as HMAC-SHA256 instead of SHA-256"
+        "",
+        "optional server-side secret: keys are then stored as HMAC-SHA256 instead of SHA-256",
+        secret=True,
     )
     key_prefix: str = setting(apikeys.DEFAULT_PREFIX, "prefix of issued keys", _prefix)
     max_grace_seconds: float = setting(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from authz_service import config
 from authz_service.config import unknown_variables
 from authz_service.settings import ENV_PREFIX, Settings, SettingsError, describe, load
 from client_registry.settings import ENV_PREFIX as REGISTRY_PREFIX
@@ -175,3 +176,15 @@ def test_help_lists_every_setting_with_its_variable_and_default() -> None:
     text = describe()
     for name in Settings.__dataclass_fields__:
         assert f"AUTHZ_{name.upper()}  (config key: {name}; default: " in text
+
+
+def test_a_rejected_secret_is_never_repeated() -> None:
+    """A token or a URL that may carry a password is named, not shown, when it is refused."""
+    with pytest.raises(SettingsError) as error:
+        load(environ={"AUTHZ_REDIS_URL": "http://:hunter2-password@host:6379/0"})
+    assert str(error.value) == (
+        "AUTHZ_REDIS_URL (redis_url): expected redis://host:port/db; the value is not shown"
+    )
+    with pytest.raises(SettingsError) as error:
+        config.load(RegistrySettings, REGISTRY_PREFIX, None, {"REGISTRY_ADMIN_TOKEN": "hunter2"})
+    assert "hunter2" not in str(error.value)
