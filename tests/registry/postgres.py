@@ -106,3 +106,16 @@ def create_database(server: str, name: str) -> str:
     with psycopg.connect(server + "/postgres", autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     return f"{server}/{name}"
+
+
+def seq_scans(url: str, tables: Sequence[str]) -> dict[str, int]:
+    """Sequential scans so far of each of ``tables`` (an index that a query should use, used)."""
+    import psycopg  # noqa: PLC0415 (PostgreSQL tests only)
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SELECT pg_stat_clear_snapshot()")
+        rows = connection.execute(
+            "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname = ANY(%s)",
+            (list(tables),),
+        ).fetchall()
+    return {name: count for name, count in rows}

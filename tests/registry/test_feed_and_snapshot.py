@@ -27,7 +27,7 @@ from client_registry import app as registry_app
 from client_registry.settings import RegistrySettings
 from tests.e2e.harness import registry_process
 from tests.registry.conftest import ADMIN, SERVICE, Event, Registry, read_event, started
-from tests.registry.postgres import create_database
+from tests.registry.postgres import create_database, seq_scans
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {SERVICE}"}
@@ -513,6 +513,9 @@ async def test_a_lost_notification_channel_falls_back_to_polling_until_it_is_bac
         await eventually(listening)
 
 
+INDEXED_TABLES = ("api_keys", "clients", "changes")
+
+
 def test_the_hot_queries_use_indexes(tmp_path: Path, postgres: str) -> None:
     """With sequential scans priced out, verification, the change log and pruning read
     api_keys, clients and changes through indexes only (the migrations create them). Counted
@@ -538,21 +541,9 @@ def test_the_hot_queries_use_indexes(tmp_path: Path, postgres: str) -> None:
             await registry.running.store.prune(retention=3600, max_rows=10)
 
     created = asyncio.run(prepare())
-    before = seq_scans(url)
+    before = seq_scans(url, INDEXED_TABLES)
     asyncio.run(scenario(created))
-    assert seq_scans(url) == before
-
-
-def seq_scans(url: str) -> dict[str, int]:
-    import psycopg  # noqa: PLC0415
-
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("SELECT pg_stat_clear_snapshot()")
-        rows = connection.execute(
-            "SELECT relname, seq_scan FROM pg_stat_user_tables "
-            "WHERE relname IN ('api_keys', 'clients', 'changes')"
-        ).fetchall()
-    return {name: count for name, count in rows}
+    assert seq_scans(url, INDEXED_TABLES) == before
 
 
 def test_serve_leaves_nothing_behind_when_its_port_is_taken(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from authz_service.contract import parse_time
 from client_registry import api, usage
 from tests.e2e.harness import registry_process
 from tests.registry.conftest import ADMIN, SERVICE, Registry, started
-from tests.registry.postgres import create_database
+from tests.registry.postgres import create_database, seq_scans
 from tests.registry.test_feed_and_snapshot import settings_for
 
 pytestmark = pytest.mark.e2e
@@ -625,6 +625,9 @@ class TestRetention:
         assert (await report(registry, "cl_billed", DAY))["totals"]["allowed"] == 2
 
 
+USAGE_TABLES = ("usage_minutes", "usage_denied", "usage_batches", "key_last_used")
+
+
 def test_the_usage_queries_use_indexes(tmp_path: Path, postgres: str) -> None:
     """With sequential scans priced out, recording a batch, a report, a client's keys with
     their last use, and pruning batch ids read the usage tables through indexes only."""
@@ -661,18 +664,6 @@ def test_the_usage_queries_use_indexes(tmp_path: Path, postgres: str) -> None:
             await registry.running.store.prune_usage_batches(retention=3600)
 
     created = asyncio.run(prepare())
-    before = seq_scans(url)
+    before = seq_scans(url, USAGE_TABLES)
     asyncio.run(scenario(created))
-    assert seq_scans(url) == before
-
-
-def seq_scans(url: str) -> dict[str, int]:
-    import psycopg  # noqa: PLC0415
-
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("SELECT pg_stat_clear_snapshot()")
-        rows = connection.execute(
-            "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname IN "
-            "('usage_minutes', 'usage_denied', 'usage_batches', 'key_last_used')"
-        ).fetchall()
-    return {name: count for name, count in rows}
+    assert seq_scans(url, USAGE_TABLES) == before
