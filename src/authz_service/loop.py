@@ -2,7 +2,7 @@
 dependency there), asyncio's own elsewhere.
 
 Measured with benchmarks/instructions_bench.py's counter, uvloop takes 9.6% fewer instructions
-per HTTP check than asyncio's loop, and the end-to-end tests pass on both.
+per HTTP check than asyncio's loop; the whole test suite passes on both.
 """
 
 from __future__ import annotations
