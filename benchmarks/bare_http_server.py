@@ -2,9 +2,8 @@
 
 python benchmarks/bare_http_server.py HOST:PORT
 
-The same parser (httptools) and event loop (``authz_service.loop``: uvloop's where installed) as
-authz-service's HTTP check server, with keep-alive, and nothing else: what any Python HTTP check
-server costs at least.
+The same parser (httptools) and event loop (asyncio's default) as authz-service's HTTP check
+server, with keep-alive, and nothing else: what any Python HTTP check server costs at least.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import sys
 from typing import cast
 
 import httptools
-
-from authz_service import loop
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
@@ -52,4 +49,4 @@ async def serve(address: str) -> None:
 
 
 if __name__ == "__main__":
-    loop.run(serve(sys.argv[1]))
+    asyncio.run(serve(sys.argv[1]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import re
 import sys
@@ -10,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_service import __version__, apikeys, app, config, logs, loop, settings
+from authz_service import __version__, apikeys, app, config, logs, settings
 from authz_service.registry import static_file
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(loaded.log_level, loaded.log_redact_fields)
     config.log_unknown_variables(unknown, log)
     try:
-        loop.run(app.run_until_signalled(loaded))
+        asyncio.run(app.run_until_signalled(loaded))
     except (static_file.KeysFileError, app.StartupError) as exc:
         print(f"authz-service: cannot start: {exc}", file=sys.stderr)
         return 1

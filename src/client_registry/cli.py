@@ -9,6 +9,7 @@ tokens file that ``serve`` writes (``REGISTRY_TOKENS_FILE``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from authz_service import __version__, logs, loop
+from authz_service import __version__, logs
 from authz_service.config import (
     SettingsError,
     describe,
@@ -178,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level)
     log_unknown_variables(unknown, log)
     try:
-        loop.run(app.serve(settings))
+        asyncio.run(app.serve(settings))
     except (DatabaseError, OSError) as exc:
         print(f"client-registry: cannot start: {exc}", file=sys.stderr)
         return 1
