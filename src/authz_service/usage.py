@@ -167,10 +167,9 @@ class UsageLedger:
             tally = self._open[key] = _Tally()
         return tally
 
-    # --- flushing: on the event loop (sealing on a worker thread) --------------------------------
+    # --- flushing: on the event loop ------------------------------------------------------------
     def seal(self, everything: bool = False) -> None:
-        """Seal the minutes that have ended (``everything``: all of them) into batches. Any
-        thread: what it takes from the open minutes, it takes under the lock."""
+        """Seal the minutes that have ended (``everything``: all of them) into batches."""
         with self._lock:
             current = int(self._clock() // 60)
             ended = [key for key in self._open if everything or key[0] < current]
@@ -353,9 +352,7 @@ class Flusher:
     async def flush(self, everything: bool = False) -> bool:
         """Seal what is complete and send every sealed batch, in order; False if one could
         not be delivered (it and those after it wait for the next flush)."""
-        # On a worker thread: a minute of 100,000 entries takes a good part of a second to
-        # encode, which the event loop (and the checks it answers) must not wait for.
-        await asyncio.to_thread(self.ledger.seal, everything)
+        self.ledger.seal(everything)
         self.ledger.report_drops()
         while (batch := self.ledger.next_batch()) is not None:
             try:
