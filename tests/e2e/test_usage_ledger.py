@@ -379,7 +379,11 @@ def test_totals_are_exact_across_a_registry_outage_longer_than_a_flush_interval(
                     "the backlog delivered",
                 )
                 assert_totals(registry, clients, mix, rounds=1)
-    assert "usage_batch_duplicate" in events(service), "the batch sent again was a duplicate"
+                # The batch sent again was a duplicate. (Waited for here: the log is written
+                # every 50 ms, and the service is killed when the block ends.)
+                harness.wait_until(
+                    lambda: "usage_batch_duplicate" in events(service), 5, "the duplicate logged"
+                )
 
 
 def events(service: harness.Service) -> list[str]:
