@@ -1,23 +1,28 @@
 """A good key's latency while a flood of random keys is refused, side by side in one run.
 
-    .venv/bin/python benchmarks/flood_bench.py [--flood 20000] [--flood-rate 1000]
+    .venv/bin/python benchmarks/flood_bench.py [--rounds 3] [--flood 10000] [--flood-rate 1000]
 
 The real client registry (SQLite) and authz-service (AUTHZ_REGISTRY=http, default settings but
---workers for AUTHZ_GRPC_WORKERS; --service-cpu pins it to one core) run as processes on
-loopback. A probe checks one good, cached key over gRPC every --probe-interval seconds (open
-loop: a slow answer does not delay the next probe): alone for --baseline-seconds; while another
-process sends --flood checks of random well-formed keys (valid checksums, unknown to the
-registry) at --flood-rate a second, at most --concurrency in flight; alone again (were it far
-from the first baseline, the machine drifted); and, as a control, during the same flood made of
-the good key itself, answered from memory.
+--workers for AUTHZ_GRPC_WORKERS) run as processes on loopback. With two cores or more, the
+service has one to itself (--service-cpu, default 0) and everything else (this process, its
+probe, the flood's process and the registry) shares the others, as clients on other machines
+would: on a 2-core VM where both compete, the probe's own client waits for a core and the
+figure measures the machine. A probe checks one good, cached key over gRPC every
+--probe-interval seconds (open loop: a slow answer does not delay the next probe).
 
-Printed: the probe's p50 and p99 at the client and as the service itself timed them (its
-decision log) in each of the four, and the ratios of the p99s: the random-key flood's to the
+Each of --rounds interleaved rounds has three parts: the probe alone for --baseline-seconds;
+while another process sends --flood checks of random well-formed keys (valid checksums, unknown
+to the registry) at --flood-rate a second, at most --concurrency in flight; and, as a control,
+during the same flood made of the good key itself, answered from memory.
+
+Printed, per round: the probe's p50 and p99 at the client and as the service itself timed them
+(its decision log) in each part, and the ratios of the p99s: the random-key flood's to the
 baseline (target: at most 3x), and the control's, which is what the same rate of checks costs
-the good key on this machine however cheap they are; how each flood was answered (every random
-key must be refused) and the service's CPU per flood check, by kind of thread; the registry
-calls the random keys caused, against the cold-lookup bound (AUTHZ_COLD_LOOKUP_BURST +
-AUTHZ_COLD_LOOKUP_RATE x the flood's duration).
+the good key on this machine however cheap they are; then the median of each ratio over the
+rounds. Per flood: how it was answered (every random key must be refused), the service's CPU
+per check (flood and probe) by kind of thread, and the registry calls the random keys caused,
+against the cold-lookup bound (AUTHZ_COLD_LOOKUP_BURST + AUTHZ_COLD_LOOKUP_RATE x the flood's
+duration).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -139,10 +145,12 @@ def flood_process(
     ``concurrency`` in flight; of random keys, or of ``keys`` in turn."""
     count, rate, concurrency, tag = args
     chosen = [apikeys.generate() for _ in range(count)] if keys is None else keys * count
-    results.put(asyncio.run(flood(target, chosen[:count], (rate, concurrency), tag)))
+    # Built before the clock starts, so that the flood's own client is as cheap as it can be.
+    payloads = [payload(key, f"flood-{tag}-{n}") for n, key in enumerate(chosen[:count])]
+    results.put(asyncio.run(flood(target, payloads, (rate, concurrency))))
 
 
-async def flood(target: str, keys: list[str], pace: tuple[float, int], tag: str) -> dict[str, Any]:
+async def flood(target: str, payloads: list[bytes], pace: tuple[float, int]) -> dict[str, Any]:
     rate, concurrency = pace
     reasons: Counter[str] = Counter()
     errors = 0
@@ -150,10 +158,10 @@ async def flood(target: str, keys: list[str], pace: tuple[float, int], tag: str)
     async with grpc.aio.insecure_channel(target) as channel:
         call: Any = channel.unary_unary(CHECK, response_deserializer=CheckResponse.FromString)
 
-        async def one(key: str, n: int) -> None:
+        async def one(data: bytes) -> None:
             nonlocal errors
             try:
-                reply = await call(payload(key, f"flood-{tag}-{n}"), timeout=5)
+                reply = await call(data, timeout=5)
             except grpc.RpcError:
                 errors += 1
                 return
@@ -164,9 +172,9 @@ async def flood(target: str, keys: list[str], pace: tuple[float, int], tag: str)
         loop = asyncio.get_running_loop()
         started = next_at = loop.time()
         tasks = []
-        for n, key in enumerate(keys):
+        for data in payloads:
             await slots.acquire()
-            tasks.append(asyncio.create_task(one(key, n)))
+            tasks.append(asyncio.create_task(one(data)))
             next_at += 1 / rate
             await asyncio.sleep(max(0.0, next_at - loop.time()))
         await asyncio.gather(*tasks)
@@ -258,7 +266,21 @@ def server_latencies(service: harness.Service, tag: str) -> list[float]:
     return found
 
 
+@dataclass
+class Round:
+    probes: dict[str, Probe]  # by part: baseline, random-key flood, cached-key flood
+    server: dict[str, list[float]]  # the same checks as the service timed them
+    floods: dict[str, Flood]
+
+
+PARTS = ("baseline", "random-key flood", "cached-key flood (control)")
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> None:
+    if args.service_cpu is not None:
+        # This process, and the registry and flood processes it starts, keep off the service's
+        # core.
+        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - {args.service_cpu})
     with harness.registry_process(workdir) as registry:
         key = registry.create_client("Good client")["api_key"]
         with harness.authz_service(
@@ -273,96 +295,120 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
             target = service.grpc_target
             warm = time.monotonic() + 1
             await probe(target, key, 0.001, "warm", lambda: time.monotonic() > warm)
-
-            async def alone(tag: str) -> Probe:
-                until = time.monotonic() + args.baseline_seconds
-                return await probe(
-                    target, key, args.probe_interval, tag, lambda: time.monotonic() > until
+            rounds = []
+            for number in range(args.rounds):
+                rounds.append(await one_round(args, service, registry, key, number))
+                report_round(args, number, rounds[-1])
+                flood_server = flood_latencies(service, f"random{number}")
+                print(
+                    "  random-key flood checks as the service timed them: "
+                    + ", ".join(
+                        f"{reason} p50 {pct(times, 0.5):.2f} ms p99 {pct(times, 0.99):.2f} ms"
+                        for reason, times in sorted(flood_server.items())
+                    )
                 )
-
-            baseline = await alone("base")
-            junk = await flooded(args, service, registry, key, keys=None, tag="junk")
-            between = await alone("between")
-            control = await flooded(args, service, registry, key, keys=[key], tag="control")
-            tags = ("base", "junk", "between", "control")
-            harness.wait_until(
-                lambda: len(server_latencies(service, "control")) == len(control.probe.latencies),
-                5,
-                "the decision log",
-            )
-            server = {tag: server_latencies(service, tag) for tag in tags}
-            flood_server = flood_latencies(service, "junk")
-    report(args, (baseline, junk.probe, between, control.probe), server, junk, control)
-    print(
-        "random-key flood checks as the service timed them: "
-        + ", ".join(
-            f"{reason} p50 {pct(times, 0.5):.2f} ms p99 {pct(times, 0.99):.2f} ms"
-            for reason, times in sorted(flood_server.items())
-        )
-    )
+    summary(rounds)
 
 
-def report(
+async def one_round(
     args: argparse.Namespace,
-    probes: tuple[Probe, Probe, Probe, Probe],
-    server: dict[str, list[float]],
-    junk: Flood,
-    control: Flood,
-) -> None:
-    print(
-        f"authz-service (http, {args.workers} workers, "
-        f"{'not pinned' if args.service_cpu is None else f'pinned to core {args.service_cpu}'}, "
-        f"other settings default) -> registry "
-        f"(SQLite); a good key probed every {args.probe_interval * 1000:g} ms; floods of "
-        f"{args.flood} checks at {args.flood_rate:g}/s (at most {args.concurrency} in flight) "
-        f"from another process"
+    service: harness.Service,
+    registry: harness.RegistryProcess,
+    key: str,
+    number: int,
+) -> Round:
+    tags = {part: f"{part.split('-')[0].split()[0]}{number}" for part in PARTS}
+    until = time.monotonic() + args.baseline_seconds
+    alone = await probe(
+        service.grpc_target,
+        key,
+        args.probe_interval,
+        tags["baseline"],
+        lambda: time.monotonic() > until,
     )
-    print(f"{'':28}{'checks':>8}{'p50 ms':>9}{'p99 ms':>9}{'server p50':>12}{'server p99':>12}")
-    names = ("baseline", "random-key flood", "baseline again", "cached-key flood (control)")
-    for name, result, tag in zip(
-        names, probes, ("base", "junk", "between", "control"), strict=True
-    ):
+    floods = {}
+    for part, keys in zip(PARTS[1:], (None, [key]), strict=True):
+        floods[part] = await flooded(args, service, registry, key, keys=keys, tag=tags[part])
+    probes = {"baseline": alone, **{part: found.probe for part, found in floods.items()}}
+    harness.wait_until(
+        lambda: all(
+            len(server_latencies(service, tags[part])) == len(found.latencies)
+            for part, found in probes.items()
+        ),
+        5,
+        "the decision log",
+    )
+    return Round(probes, {part: server_latencies(service, tags[part]) for part in PARTS}, floods)
+
+
+def report_round(args: argparse.Namespace, number: int, result: Round) -> None:
+    if number == 0:
         print(
-            f"{name:28}{len(result.latencies):>8}{pct(result.latencies, 0.5):>9.2f}"
-            f"{pct(result.latencies, 0.99):>9.2f}{pct(server[tag], 0.5):>12.3f}"
-            f"{pct(server[tag], 0.99):>12.3f}"
+            f"authz-service (http, {args.workers} workers, "
+            f"{'not pinned' if args.service_cpu is None else f'alone on core {args.service_cpu}'}"
+            f", other settings default) -> registry (SQLite); a good key probed every "
+            f"{args.probe_interval * 1000:g} ms; floods of {args.flood} checks at "
+            f"{args.flood_rate:g}/s (at most {args.concurrency} in flight) from another process"
         )
-    baseline, during, _, hits = (pct(p.latencies, 0.99) for p in probes)
+    print(f"round {number + 1}")
+    print(f"{'':30}{'checks':>8}{'p50 ms':>9}{'p99 ms':>9}{'server p50':>12}{'server p99':>12}")
+    for part in PARTS:
+        latencies, server = result.probes[part].latencies, result.server[part]
+        print(
+            f"  {part:28}{len(latencies):>8}{pct(latencies, 0.5):>9.2f}"
+            f"{pct(latencies, 0.99):>9.2f}{pct(server, 0.5):>12.3f}{pct(server, 0.99):>12.3f}"
+        )
+    for part, found in result.floods.items():
+        outcomes = found.outcome["reasons"]
+        answered = sum(outcomes.values())
+        checks = answered + len(found.probe.latencies)
+        cpu = found.cpu["authz-service"]
+        print(
+            f"  {part}: {answered} answered in {found.outcome['seconds']:.2f} s "
+            f"({answered / found.outcome['seconds']:.0f}/s), gRPC errors "
+            f"{found.outcome['errors']}, outcomes {dict(sorted(outcomes.items()))}; "
+            f"authz-service CPU {cpu:.2f} s = {cpu / max(checks, 1) * 1e6:.0f} µs per check "
+            "of the flood or the probe ("
+            + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(found.threads.items()))
+            + ")"
+        )
+    junk = result.floods["random-key flood"]
+    bound = COLD_LOOKUP_BURST + COLD_LOOKUP_RATE * junk.seconds
     print(
-        f"good key p99 during the random-key flood / baseline: {during / baseline:.2f}x "
-        "(target: at most 3x)"
+        f"  registry calls during the random-key flood: {dict(junk.calls)} "
+        f"(cold-lookup bound {bound:.0f}); registry CPU {junk.cpu['registry']:.2f} s"
+    )
+
+
+def summary(rounds: list[Round]) -> None:
+    def ratios(part: str) -> list[float]:
+        return [
+            pct(r.probes[part].latencies, 0.99) / pct(r.probes["baseline"].latencies, 0.99)
+            for r in rounds
+        ]
+
+    junk, control = ratios("random-key flood"), ratios("cached-key flood (control)")
+    print(
+        f"good key p99 during the random-key flood / baseline, median of {len(rounds)} rounds: "
+        f"{statistics.median(junk):.2f}x (rounds: {', '.join(f'{r:.2f}x' for r in junk)}; "
+        "target: at most 3x)"
     )
     print(
-        f"good key p99 during the cached-key flood / baseline: {hits / baseline:.2f}x "
-        f"(the same rate of checks answered from memory); random / cached: {during / hits:.2f}x"
+        "good key p99 during the cached-key flood / baseline (the same rate of checks answered "
+        f"from memory): {statistics.median(control):.2f}x "
+        f"(rounds: {', '.join(f'{r:.2f}x' for r in control)})"
     )
+    probes = [found for r in rounds for found in r.probes.values()]
     print(
         f"good key errors {sum(p.errors for p in probes)}, denials "
         f"{sum(p.denied for p in probes)} (must be 0)"
-    )
-    for name, flood_result in (("random-key flood", junk), ("cached-key flood", control)):
-        outcomes = flood_result.outcome["reasons"]
-        answered = sum(outcomes.values())
-        cpu = flood_result.cpu["authz-service"]
-        print(
-            f"{name}: {answered} answered in {flood_result.outcome['seconds']:.2f} s "
-            f"({answered / flood_result.outcome['seconds']:.0f}/s), gRPC errors "
-            f"{flood_result.outcome['errors']}, outcomes {dict(sorted(outcomes.items()))}; "
-            f"authz-service CPU {cpu:.2f} s = {cpu / max(answered, 1) * 1e6:.0f} µs per check "
-            f"("
-            + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(flood_result.threads.items()))
-            + ")"
-        )
-    bound = COLD_LOOKUP_BURST + COLD_LOOKUP_RATE * junk.seconds
-    print(
-        f"registry calls during the random-key flood: {dict(junk.calls)} "
-        f"(cold-lookup bound {bound:.0f}); registry CPU {junk.cpu['registry']:.2f} s"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flood", type=int, default=20_000, help="random keys in the flood")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--flood", type=int, default=10_000, help="checks in each flood")
     parser.add_argument("--flood-rate", type=float, default=1000.0, help="flood checks a second")
     parser.add_argument(
         "--concurrency", type=int, default=64, help="flood checks in flight at most"
@@ -373,12 +419,15 @@ def main() -> None:
     parser.add_argument(
         "--service-cpu",
         type=int,
-        default=None,
-        help="pin authz-service to this core (as check_bench.py does); default: not pinned",
+        default=0 if len(os.sched_getaffinity(0)) > 1 else -1,
+        help="the core authz-service has to itself, the others running everything else "
+        "(-1: nothing pinned); default 0 with two cores or more",
     )
-    parser.add_argument("--probe-interval", type=float, default=0.002, help="seconds")
+    parser.add_argument("--probe-interval", type=float, default=0.005, help="seconds")
     parser.add_argument("--baseline-seconds", type=float, default=5.0)
     args = parser.parse_args()
+    if args.service_cpu < 0:
+        args.service_cpu = None
     with tempfile.TemporaryDirectory(prefix="authz-flood-") as workdir:
         asyncio.run(run(args, Path(workdir)))
 

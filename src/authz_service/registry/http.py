@@ -20,14 +20,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from authz_service import contract, logs
 from authz_service.breaker import CircuitBreaker
 from authz_service.contract import Answer, ContractError
 from authz_service.health import Health
 from authz_service.model import Credential
 from authz_service.registry import RegistryBusyError, RegistryError
+from authz_service.registry.origin import Origin, UnsentError
 
 if TYPE_CHECKING:
     from authz_service.tracing import Tracing
@@ -66,16 +65,16 @@ class HttpRegistry:
         observe_latency: Callable[[float], None] = lambda _: None,
         tracing: Tracing | None = None,
     ) -> None:
-        self._base = base_url.rstrip("/")
-        self._url = self._base + VERIFY_PATH
+        self._base = base_url
+        self._url = base_url.rstrip("/") + VERIFY_PATH
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._slots = asyncio.Semaphore(max_in_flight)
         self._breaker = breaker
         self._health = health
         self._observe_latency = observe_latency
         self._tracing = tracing
-        self._session: aiohttp.ClientSession | None = None
+        self._origin: Origin | None = None
         self._probe: asyncio.Task[None] | None = None
         self.outcomes = {"ok": 0, "error": 0, "busy": 0, "circuit_open": 0, "token_rejected": 0}
 
@@ -85,21 +84,16 @@ class HttpRegistry:
 
     @property
     def ready(self) -> bool:
-        return self._session is not None
+        return self._origin is not None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
-            timeout=self._timeout,
-            headers=self._headers,
-            raise_for_status=False,
-        )
+        self._origin = Origin(self._base, self._headers, max_body=MAX_RESPONSE_BYTES)
 
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
-        if self._session is not None:
-            await self._session.close()
+        if self._origin is not None:
+            self._origin.close()
 
     async def verify(self, credential: Credential) -> Answer:
         """The registry's answer for one key; raises RegistryError when there is none."""
@@ -152,13 +146,11 @@ class HttpRegistry:
     async def _probe_token(self) -> None:
         """Until the registry accepts our token again, ask it now and then, with backoff."""
         delay = _PROBE_DELAYS[0]
-        while self._session is not None:
+        while self._origin is not None:
             await asyncio.sleep(delay)
             try:
-                async with self._session.get(
-                    self._base + PROBE_PATH, allow_redirects=False
-                ) as reply:
-                    status = reply.status
+                async with asyncio.timeout(self._timeout):
+                    status = (await self._origin.request("GET", PROBE_PATH)).status
             except Exception:  # unreachable for now: that is not an answer about the token
                 status = 0
             if 200 <= status < 300:
@@ -172,27 +164,24 @@ class HttpRegistry:
         effects, so that is safe; a timeout or an answer is never retried."""
         try:
             return await self._call(credential)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+        except UnsentError:
             await asyncio.sleep(random.uniform(*RETRY_PAUSE))  # noqa: S311 (jitter, not secrets)
             return await self._call(credential)
 
     async def _call(self, credential: Credential) -> Answer:
-        if self._session is None:
+        if self._origin is None:
             raise RegistryError("the registry client is not started")
-        async with self._session.post(
-            self._url, json={"api_key": credential.key.reveal()}, allow_redirects=False
-        ) as reply:
-            if reply.status in (401, 403):
-                raise TokenRejectedError(REJECTED.format(status=reply.status))
-            if reply.status != 200:
-                raise InvalidAnswerError(f"HTTP status {reply.status}")
-            if reply.content_type != "application/json":
-                raise InvalidAnswerError("a content type other than application/json")
-            body = await reply.content.read(MAX_RESPONSE_BYTES + 1)
-            if len(body) > MAX_RESPONSE_BYTES:
-                raise InvalidAnswerError("an answer over the size limit")
+        body = json.dumps({"api_key": credential.key.reveal()}).encode()
+        async with asyncio.timeout(self._timeout):
+            reply = await self._origin.request("POST", VERIFY_PATH, body, "application/json")
+        if reply.status in (401, 403):
+            raise TokenRejectedError(REJECTED.format(status=reply.status))
+        if reply.status != 200:
+            raise InvalidAnswerError(f"HTTP status {reply.status}")
+        if reply.content_type != "application/json":
+            raise InvalidAnswerError("a content type other than application/json")
         try:
-            document = json.loads(body)
+            document = json.loads(reply.body)
         except (ValueError, RecursionError):
             raise InvalidAnswerError("an answer that is not JSON") from None
         try:

@@ -1,0 +1,202 @@
+"""The registry client's connections (``registry.origin``), against raw servers on loopback that
+answer exactly as each test says: kept-alive connections are reused, a connection is never
+reused with an answer still on its way, and whatever is not a whole HTTP answer within the
+bounds is an error."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from authz_service.registry.origin import (
+    MAX_HEADER_BYTES,
+    InvalidResponseError,
+    Origin,
+    UnsentError,
+)
+
+Answer = Callable[[int, bytes], Awaitable[bytes | None]]  # (request number, request) -> answer
+
+
+def ok(body: bytes, *, extra: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+class Served:
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+
+
+@asynccontextmanager
+async def serving(answer: Answer, *, close_after_each: bool = False) -> AsyncIterator[Served]:
+    """A server that reads each request (headers and Content-Length body) and writes what
+    ``answer`` returns (None: closes the connection without answering)."""
+    served = Served()
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.connections += 1
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type] (within a task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                request = head + await reader.readexactly(length)
+                served.requests.append(request)
+                reply = await answer(len(served.requests), request)
+                if reply is None:
+                    break
+                writer.write(reply)
+                await writer.drain()
+                if close_after_each:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    served.port = server.sockets[0].getsockname()[1]
+    try:
+        yield served
+    finally:
+        server.close()
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+def origin(served: Served, path: str = "") -> Origin:
+    return Origin(
+        f"http://127.0.0.1:{served.port}{path}", {"Authorization": "Bearer t"}, max_body=1024
+    )
+
+
+async def numbered(number: int, _: bytes) -> bytes:
+    return ok(b'{"n": %d}' % number)
+
+
+async def test_a_reply_is_the_status_the_media_type_and_the_body() -> None:
+    async with serving(numbered) as served:
+        client = origin(served, "/base/")
+        reply = await client.request("POST", "/v1/keys/verify", b'{"a": 1}', "application/json")
+        client.close()
+    assert reply == (200, "application/json", b'{"n": 1}')
+    request = served.requests[0]
+    assert request.startswith(b"POST /base/v1/keys/verify HTTP/1.1\r\n")
+    assert b"\r\nAuthorization: Bearer t\r\n" in request
+    assert b"\r\nHost: 127.0.0.1:%d\r\n" % served.port in request
+    assert request.endswith(b'\r\n\r\n{"a": 1}')
+
+
+async def test_kept_alive_connections_are_reused() -> None:
+    async with serving(numbered) as served:
+        client = origin(served)
+        replies = [await client.request("GET", "/x") for _ in range(20)]
+        client.close()
+    assert [reply.body for reply in replies] == [b'{"n": %d}' % n for n in range(1, 21)]
+    assert served.connections == 1
+
+
+async def test_concurrent_requests_each_get_a_connection_of_their_own() -> None:
+    async def slowly(number: int, request: bytes) -> bytes:
+        await asyncio.sleep(0.02)
+        return await numbered(number, request)
+
+    async with serving(slowly) as served:
+        client = origin(served)
+        replies = await asyncio.gather(*(client.request("GET", "/x") for _ in range(5)))
+        again = [await client.request("GET", "/x") for _ in range(5)]
+        client.close()
+    assert sorted(reply.body for reply in replies + again) == sorted(
+        b'{"n": %d}' % n for n in range(1, 11)
+    )
+    assert served.connections == 5
+
+
+async def test_a_connection_the_server_closed_is_not_used_again() -> None:
+    async with serving(numbered, close_after_each=True) as served:
+        client = origin(served)
+        first = await client.request("GET", "/x")
+        await asyncio.sleep(0.05)  # the server's close arrives
+        second = await client.request("GET", "/x")
+        client.close()
+    assert (first.body, second.body) == (b'{"n": 1}', b'{"n": 2}')
+    assert served.connections == 2
+
+
+async def test_a_connection_closed_before_any_answer_is_unsent() -> None:
+    async def hang_up(number: int, request: bytes) -> None:
+        return None
+
+    async with serving(hang_up) as served:
+        client = origin(served)
+        with pytest.raises(UnsentError):
+            await client.request("GET", "/x")
+        client.close()
+
+
+async def test_a_refused_connection_is_unsent() -> None:
+    async with serving(numbered) as served:
+        pass  # closed: nothing listens there any more
+    with pytest.raises(UnsentError):
+        await origin(served).request("GET", "/x")
+
+
+async def test_a_cancelled_request_never_leaves_its_answer_to_the_next() -> None:
+    async def first_late(number: int, request: bytes) -> bytes:
+        if number == 1:
+            await asyncio.sleep(0.2)
+        return await numbered(number, request)
+
+    async with serving(first_late) as served:
+        client = origin(served)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await client.request("GET", "/x")
+        second = await client.request("GET", "/x")
+        client.close()
+    assert second.body == b'{"n": 2}'
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n", id="not HTTP"),
+        pytest.param(ok(b"x" * 1025), id="a body over the limit"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n",
+            id="headers over the limit",
+        ),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10, id="cut short"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n\r\n{}", id="delimited by the connection's end"),
+    ],
+)
+async def test_what_is_not_a_whole_answer_within_the_bounds_is_an_error(reply: bytes) -> None:
+    async def then_close(number: int, request: bytes) -> bytes | None:
+        return reply
+
+    async with serving(then_close, close_after_each=True) as served:
+        client = origin(served)
+        with pytest.raises(InvalidResponseError):
+            await client.request("GET", "/x")
+        client.close()
+
+
+def test_header_values_that_could_split_a_request_are_refused() -> None:
+    with pytest.raises(ValueError, match="printable"):
+        Origin("http://127.0.0.1:1", {"Authorization": "Bearer t\r\nX-Evil: 1"}, max_body=1)
