@@ -42,11 +42,13 @@ async def serving(answer: Answer, *, close_after_each: bool = False) -> AsyncIte
     """A server that reads each request (headers and Content-Length body) and writes what
     ``answer`` returns (None: closes the connection without answering)."""
     served = Served()
-    handlers: set[asyncio.Task[None]] = set()
+    handlers: set[asyncio.Task[object]] = set()
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served.connections += 1
-        handlers.add(asyncio.current_task())  # type: ignore[arg-type] (within a task)
+        task = asyncio.current_task()
+        assert task is not None  # a connection's handler is a task
+        handlers.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
