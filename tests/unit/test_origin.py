@@ -6,10 +6,13 @@ bounds is an error."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
+import trustme
 
 from authz_service.registry.origin import (
     MAX_HEADER_BYTES,
@@ -38,17 +41,21 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(answer: Answer, *, close_after_each: bool = False) -> AsyncIterator[Served]:
+async def serving(
+    answer: Answer, *, close_after_each: bool = False, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[Served]:
     """A server that reads each request (headers and Content-Length body) and writes what
     ``answer`` returns (None: closes the connection without answering)."""
     served = Served()
     handlers: set[asyncio.Task[object]] = set()
+    writers: set[asyncio.StreamWriter] = set()
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served.connections += 1
         task = asyncio.current_task()
         assert task is not None  # a connection's handler is a task
         handlers.add(task)
+        writers.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -70,15 +77,15 @@ async def serving(answer: Answer, *, close_after_each: bool = False) -> AsyncIte
         finally:
             writer.close()
 
-    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    server = await asyncio.start_server(connection, "127.0.0.1", 0, ssl=tls)
     served.port = server.sockets[0].getsockname()[1]
     try:
         yield served
     finally:
         server.close()
-        for handler in handlers:
-            handler.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+        for writer in writers:
+            writer.close()  # the handlers' reads end
+        await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), 5)
         await server.wait_closed()
 
 
@@ -103,6 +110,26 @@ async def test_a_reply_is_the_status_the_media_type_and_the_body() -> None:
     assert b"\r\nAuthorization: Bearer t\r\n" in request
     assert b"\r\nHost: 127.0.0.1:%d\r\n" % served.port in request
     assert request.endswith(b'\r\n\r\n{"a": 1}')
+
+
+async def test_https_is_verified_against_the_system_s_authorities(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    authority = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(tls)
+    async with serving(numbered, tls=tls) as served:
+        url = f"https://localhost:{served.port}"
+        untrusted = Origin(url, {}, max_body=1024)  # built before the authority is trusted
+        with pytest.raises(UnsentError):
+            await untrusted.request("GET", "/x")
+        authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        client = Origin(url, {}, max_body=1024)
+        replies = [await client.request("GET", "/x") for _ in range(3)]
+        client.close()
+    assert [reply.body for reply in replies] == [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}']
+    assert served.connections == 1  # one for all three (the refused handshake served none)
 
 
 async def test_kept_alive_connections_are_reused() -> None:
