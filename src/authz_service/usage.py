@@ -13,8 +13,10 @@ only.
 - **Recording** is a dictionary update under one short lock (checks arrive from the check
   server's worker threads and from the event loop).
 - **Flushing** (``Flusher.run``, a supervised task): every interval, the minutes that have
-  ended are sealed into batches of at most 10,000 entries and 1 MiB, each with its own id,
-  and sent in order (``POST /v1/usage``, the registry's service token). A batch that fails
+  ended are taken whole (one dictionary per minute) and sealed into batches of at most 10,000
+  entries and 1 MiB, each with its own id, encoded on the event loop a thousand entries at a
+  time, with its other work in between (a 100,000-entry minute no longer stops it for a
+  second), and sent in order (``POST /v1/usage``, the registry's service token). A batch that fails
   (unreachable, a timeout, a 5xx) is sent again later, with backoff, under the same id, so
   the registry counts it once however often it arrives. A batch the registry refuses as
   malformed (400, 413, 415, 422) is dropped, counted and logged: sending it again cannot help.
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_ENTRIES = 10_000  # the contract's bound on one batch
 MAX_BATCH_BYTES = (1 << 20) - 1024  # the contract's 1 MiB, less the batch's own fields
+ENCODE_SLICE = 1000  # entries encoded between two turns of the event loop's other work
 MAX_BACKOFF = 4  # after failures, the wait grows to at most this many flush intervals
 SEND_TIMEOUT = 10.0  # seconds one POST may take
 FINAL_FLUSH_SECONDS = 3.0  # at shutdown: within the 5 s the chart leaves after the grace period
@@ -62,7 +65,7 @@ REJECTED = frozenset({400, 413, 415, 422})
 _KEY_ID = re.compile(r"[0-9a-f]{12}")
 _MAX_SOURCE = 128
 
-EntryKey = tuple[int, str, str]  # (minute since the epoch, key_id, client_id)
+Owner = tuple[str, str]  # (key_id, client_id)
 
 
 class _Tally:
@@ -105,7 +108,9 @@ class UsageLedger:
         self.source = (source or socket.gethostname() or "authz-service")[:_MAX_SOURCE]
         self._clock = clock
         self._lock = threading.Lock()
-        self._open: dict[EntryKey, _Tally] = {}
+        # Minute since the epoch -> its tallies: a minute that ends is taken whole.
+        self._open: dict[int, dict[Owner, _Tally]] = {}
+        self._open_entries = 0
         self._sealed: deque[Batch] = deque()  # oldest first; touched on the event loop only
         self._sealed_entries = 0
         # Read by /metrics.
@@ -117,7 +122,7 @@ class UsageLedger:
     @property
     def buffered(self) -> int:
         """Key-minutes held: still open, or sealed and not yet acknowledged."""
-        return len(self._open) + self._sealed_entries
+        return self._open_entries + self._sealed_entries
 
     # --- recording: any thread ------------------------------------------------------------------
     def check(self, decision: Decision) -> None:
@@ -158,24 +163,43 @@ class UsageLedger:
             tally.response_bytes += max(0, record.response_bytes)
 
     def _tally(self, key_id: str, client_id: str) -> _Tally | None:
-        key = (int(self._clock() // 60), key_id, client_id)
-        tally = self._open.get(key)
+        minute = int(self._clock() // 60)
+        tallies = self._open.get(minute)
+        if tallies is None:
+            tallies = self._open[minute] = {}
+        tally = tallies.get((key_id, client_id))
         if tally is None:
-            if len(self._open) + self._sealed_entries >= self._max:
+            if self._open_entries + self._sealed_entries >= self._max:
                 self.dropped["buffer_full"] += 1
                 return None
-            tally = self._open[key] = _Tally()
+            tally = tallies[key_id, client_id] = _Tally()
+            self._open_entries += 1
         return tally
 
     # --- flushing: on the event loop ------------------------------------------------------------
-    def seal(self, everything: bool = False) -> None:
-        """Seal the minutes that have ended (``everything``: all of them) into batches."""
+    async def seal(self, everything: bool = False) -> None:
+        """Seal the minutes that have ended (``everything``: all of them) into batches. A
+        minute of 100,000 entries takes a good part of a second to encode: it is encoded in
+        slices, with the event loop's other work (checks, registry lookups) in between."""
         with self._lock:
             current = int(self._clock() // 60)
-            ended = [key for key in self._open if everything or key[0] < current]
-            taken = [(key, self._open.pop(key)) for key in ended]
-            self._sealed_entries += len(taken)
-        self._sealed.extend(_batches(taken, self.source))  # encoded outside the lock
+            ended = sorted(minute for minute in self._open if everything or minute < current)
+            taken = [(minute, self._open.pop(minute)) for minute in ended]
+            count = sum(len(tallies) for _, tallies in taken)
+            self._open_entries -= count
+            self._sealed_entries += count
+        pending = (
+            (minute, owner, tally) for minute, tallies in taken for owner, tally in tallies.items()
+        )
+        encoded: list[tuple[str, int]] = []
+        try:
+            for item in pending:
+                encoded.append(_entry(*item))
+                if len(encoded) % ENCODE_SLICE == 0:
+                    await asyncio.sleep(0)
+        finally:  # cancelled (at shutdown): the rest at once, so that nothing taken is lost
+            encoded += [_entry(*item) for item in pending]
+            self._sealed.extend(_batches(encoded, self.source))
 
     def next_batch(self) -> Batch | None:
         return self._sealed[0] if self._sealed else None
@@ -224,13 +248,13 @@ class UsageLedger:
             self._sealed_entries -= batch.entries
 
 
-def _batches(taken: Iterable[tuple[EntryKey, _Tally]], source: str) -> Iterable[Batch]:
-    """Batches within the contract's bounds, of entries in minute order."""
+def _batches(encoded: list[tuple[str, int]], source: str) -> Iterable[Batch]:
+    """Batches within the contract's bounds, of entries (encoded, with their records) in
+    minute order."""
     head = f'{{"source":{json.dumps(source)},"usage":['
     entries: list[str] = []
     size = records = 0
-    for key, tally in sorted(taken, key=lambda item: item[0]):
-        entry = _entry(key, tally)
+    for entry, counted in encoded:
         if entries and (
             len(entries) >= MAX_BATCH_ENTRIES or size + len(entry) + 1 > MAX_BATCH_BYTES
         ):
@@ -238,7 +262,7 @@ def _batches(taken: Iterable[tuple[EntryKey, _Tally]], source: str) -> Iterable[
             entries, size, records = [], 0, 0
         entries.append(entry)
         size += len(entry) + 1
-        records += tally.records
+        records += counted
     if entries:
         yield _batch(head, entries, records)
 
@@ -249,9 +273,10 @@ def _batch(head: str, entries: list[str], records: int) -> Batch:
     return Batch(batch_id, body.encode(), len(entries), records)
 
 
-def _entry(key: EntryKey, tally: _Tally) -> str:
-    minute, key_id, client_id = key
-    return json.dumps(
+def _entry(minute: int, owner: Owner, tally: _Tally) -> tuple[str, int]:
+    """An entry of a batch, encoded, and the records it counts."""
+    key_id, client_id = owner
+    encoded = json.dumps(
         {
             "key_id": key_id,
             "client_id": client_id,
@@ -264,6 +289,7 @@ def _entry(key: EntryKey, tally: _Tally) -> str:
         },
         separators=(",", ":"),
     )
+    return encoded, tally.records
 
 
 # --- sending -------------------------------------------------------------------------------------
@@ -352,7 +378,7 @@ class Flusher:
     async def flush(self, everything: bool = False) -> bool:
         """Seal what is complete and send every sealed batch, in order; False if one could
         not be delivered (it and those after it wait for the next flush)."""
-        self.ledger.seal(everything)
+        await self.ledger.seal(everything)
         self.ledger.report_drops()
         while (batch := self.ledger.next_batch()) is not None:
             try:

@@ -5,6 +5,7 @@ is a fake sink, or the stand-in of the usage contract over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -165,7 +166,7 @@ class TestRecording:
         ledger.upstream(record)
         assert await flushed(ledger, clock) == []
 
-    def test_recording_from_many_threads_is_exact(self, ledger: UsageLedger) -> None:
+    async def test_recording_from_many_threads_is_exact(self, ledger: UsageLedger) -> None:
         barrier = threading.Barrier(8)
 
         def record() -> None:
@@ -178,7 +179,7 @@ class TestRecording:
             thread.start()
         for thread in threads:
             thread.join()
-        ledger.seal(everything=True)
+        await ledger.seal(everything=True)
         batch = ledger.next_batch()
         assert batch is not None
         assert json.loads(batch.body)["usage"][0]["allowed"] == 40_000
@@ -202,9 +203,9 @@ class TestSealing:
         assert len(sink.sent) == 1
         assert ledger.buffered == 1
 
-    def test_a_batch_is_the_contract_document(self, ledger: UsageLedger) -> None:
+    async def test_a_batch_is_the_contract_document(self, ledger: UsageLedger) -> None:
         ledger.check(allow())
-        ledger.seal(everything=True)
+        await ledger.seal(everything=True)
         batch = ledger.next_batch()
         assert batch is not None
         document = json.loads(batch.body)
@@ -213,7 +214,7 @@ class TestSealing:
         assert document["source"] == "replica-1"
         assert (batch.entries, batch.records) == (1, 1)
 
-    def test_batches_stay_within_ten_thousand_entries(
+    async def test_batches_stay_within_ten_thousand_entries(
         self, clock: Clock, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """(An entry takes at least 140 bytes, so in practice 1 MiB is reached first.)"""
@@ -221,21 +222,54 @@ class TestSealing:
         ledger = UsageLedger(max_entries=30_000, clock=clock)
         for index in range(MAX_BATCH_ENTRIES + 5):
             ledger.check(allow(f"{index:012x}"))
-        ledger.seal(everything=True)
+        await ledger.seal(everything=True)
         sizes = []
         while (batch := ledger.next_batch()) is not None:
             sizes.append(batch.entries)
             ledger.acknowledged(batch)
         assert sizes == [MAX_BATCH_ENTRIES, 5]
 
-    def test_batches_stay_within_one_mebibyte(self, clock: Clock) -> None:
+    async def test_the_event_loop_works_between_slices_of_a_big_minute(self, clock: Clock) -> None:
+        """Sealing 5,500 entries gives the loop's other work a turn after each 1,000; the
+        batches are whole and in order all the same."""
+        ledger = UsageLedger(max_entries=30_000, clock=clock)
+        for index in range(5500):
+            ledger.check(allow(f"{index:012x}"))
+        turns = 0
+        sealing = asyncio.create_task(ledger.seal(everything=True))
+        while not sealing.done():
+            turns += 1
+            await asyncio.sleep(0)
+        assert turns >= 5
+        batch = ledger.next_batch()
+        assert batch is not None
+        keys = [entry["key_id"] for entry in json.loads(batch.body)["usage"]]
+        assert keys == [f"{index:012x}" for index in range(5500)]
+
+    async def test_a_seal_cancelled_midway_loses_nothing(self, clock: Clock) -> None:
+        """Cancelled between slices (the flush task, at shutdown), it seals the rest at once."""
+        ledger = UsageLedger(max_entries=30_000, clock=clock)
+        for index in range(3500):
+            ledger.check(allow(f"{index:012x}"))
+        sealing = asyncio.create_task(ledger.seal(everything=True))
+        await asyncio.sleep(0)  # the first slice
+        await asyncio.sleep(0)
+        sealing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sealing
+        batch = ledger.next_batch()
+        assert batch is not None
+        assert (batch.entries, batch.records) == (3500, 3500)
+        assert ledger.buffered == 3500
+
+    async def test_batches_stay_within_one_mebibyte(self, clock: Clock) -> None:
         """Long client ids and many reasons make big entries: a batch is cut before 1 MiB."""
         ledger = UsageLedger(max_entries=30_000, clock=clock)
         client = Client("c" * 128, "Long")
         for index in range(6000):
             for reason in (Reason.FORBIDDEN, Reason.RATE_LIMITED):
                 ledger.check(Decision.deny(reason, client, key_id=f"{index:012x}"))
-        ledger.seal(everything=True)
+        await ledger.seal(everything=True)
         bodies = []
         while (batch := ledger.next_batch()) is not None:
             bodies.append(batch.body)
@@ -362,7 +396,7 @@ class TestOverHttp:
         """A replayed batch is a duplicate: the registry's totals count it once."""
         ledger.check(allow())
         ledger.upstream(upstream(200, 100))
-        ledger.seal(everything=True)
+        await ledger.seal(everything=True)
         batch = ledger.next_batch()
         assert batch is not None
         sink = RegistryUsage(stand_in.url, stand_in.token)
@@ -408,7 +442,7 @@ class TestOverHttp:
         """400, 413, 415, 422 are the batch's fault; anything else may mend, and is retried."""
         stand_in.fail_with = status
         ledger.check(allow())
-        ledger.seal(everything=True)
+        await ledger.seal(everything=True)
         batch = ledger.next_batch()
         assert batch is not None
         sink = RegistryUsage(stand_in.url, stand_in.token)
