@@ -56,6 +56,17 @@ def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+KEY_ID_LENGTH = 12  # hex digits of a key's SHA-256 that name it in logs and listings
+
+
+def key_id(digest: bytes | str) -> str:
+    """The name of a key in logs and listings: the first hex digits of its SHA-256 (raw or
+    hex). Not secret, as the hash is not."""
+    if isinstance(digest, bytes):
+        return digest[: KEY_ID_LENGTH // 2].hex()
+    return digest[:KEY_ID_LENGTH].lower()
+
+
 def hash_key(key: str) -> str:
     """The hex SHA-256 of a key, as files and the registry contract write it."""
     return hashlib.sha256(key.encode()).hexdigest()

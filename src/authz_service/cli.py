@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "keys",
         help="manage the static keys file",
         description="Manage the keys file (AUTHZ_KEYS_FILE, or --file). Keys are named by their "
-        f"key id, the first {static_file.KEY_ID_LENGTH} hex characters of their SHA-256, as in "
+        f"key id, the first {apikeys.KEY_ID_LENGTH} hex characters of their SHA-256, as in "
         "the decision log. A running server picks up every change within "
         "AUTHZ_KEYS_RELOAD_INTERVAL.",
     )
@@ -172,7 +172,7 @@ def _keys_add(args: argparse.Namespace, loaded: settings.Settings) -> int:
         return 1
     print(key)
     print(
-        f"Added key {static_file.key_id(apikeys.hash_key(key))} for client {args.client_id!r} "
+        f"Added key {apikeys.key_id(apikeys.digest(key))} for client {args.client_id!r} "
         f"to {path}. Store it now: it is shown once.\n"
         f"Use it as: Authorization: ApiKey <the key above>",
         file=sys.stderr,
@@ -201,7 +201,7 @@ def _keys_list(args: argparse.Namespace, loaded: settings.Settings) -> int:
         client = record.client
         rows.append(
             (
-                static_file.key_id(key_hash),
+                apikeys.key_id(key_hash),
                 client.client_id,
                 _state(record, now),
                 ",".join(client.roles) or "-",
@@ -257,7 +257,7 @@ def _keys_rotate(args: argparse.Namespace, loaded: settings.Settings) -> int:
         when = static_file.format_expiry(expire_at)
         old = f"Its old key(s) {', '.join(retired)} expire at {when}."
     print(
-        f"Added key {static_file.key_id(apikeys.hash_key(key))} for client {args.client_id!r} "
+        f"Added key {apikeys.key_id(apikeys.digest(key))} for client {args.client_id!r} "
         f"to {path}. Store it now: it is shown once.\n{old}",
         file=sys.stderr,
     )

@@ -19,9 +19,6 @@ SCHEME = "apikey"  # compared case-insensitively, as RFC 9110 says auth schemes 
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
-KEY_ID_LENGTH = 12  # hex digits of the key's SHA-256 that name it in logs (not secret)
-
-
 @dataclass(frozen=True, slots=True)
 class CredentialRules:
     max_key_length: int = 128
@@ -57,4 +54,4 @@ def extract(authorization: tuple[str, ...], rules: CredentialRules) -> Credentia
     ):
         return Reason.MALFORMED_CREDENTIAL
     digest = apikeys.digest(key)
-    return Credential(ApiKey(key), digest, digest[: KEY_ID_LENGTH // 2].hex())
+    return Credential(ApiKey(key), digest, apikeys.key_id(digest))

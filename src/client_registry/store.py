@@ -188,11 +188,6 @@ class KeyHasher:
         return apikeys.hash_key(key)
 
 
-def key_id(key: str) -> str:
-    """A short, non-secret fingerprint that names a key in listings and logs."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
 class Store:
     def __init__(
         self,
@@ -551,7 +546,12 @@ class Store:
 
     def _add_key(self, tx: Tx, client: Client, key: str, now: float) -> Key:
         key_hash = self._hash(key)
-        record = Key(key_id=key_id(key), created_at=now, expires_at=None, revoked_at=None)
+        record = Key(
+            key_id=apikeys.key_id(apikeys.digest(key)),
+            created_at=now,
+            expires_at=None,
+            revoked_at=None,
+        )
         tx.execute(
             "INSERT INTO api_keys (key_hash, key_id, client_id, created_at) "
             "VALUES (%s, %s, %s, %s)",

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from authz_service import apikeys
-from authz_service.registry.static_file import key_id, parse
+from authz_service.apikeys import key_id
+from authz_service.registry.static_file import parse
 from authz_service.settings import Settings, env_name
 
 pytestmark = pytest.mark.e2e

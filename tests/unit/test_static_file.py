@@ -11,13 +11,13 @@ import pytest
 import yaml
 
 from authz_service import apikeys
+from authz_service.apikeys import key_id
 from authz_service.model import ApiKey, Client, Credential, RateLimit
 from authz_service.reasons import Reason
 from authz_service.registry.static_file import (
     KeysFileError,
     StaticFileRegistry,
     add_key,
-    key_id,
     parse,
     parse_with_warnings,
     revoke_key,

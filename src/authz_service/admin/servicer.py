@@ -82,7 +82,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 else apikeys.digest(message.key)
             )
             evicted = self._checker.registry.invalidate(digest, None)
-            what = f"key {digest.hex()[:12]}"
+            what = f"key {apikeys.key_id(digest)}"
         if evicted is None:
             return admin_pb2.InvalidateResponse(
                 evicted=0,

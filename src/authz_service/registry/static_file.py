@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from authz_service import apikeys, credentials
+from authz_service import apikeys
 from authz_service.config import yaml_problem
 from authz_service.contract import (
     CLIENT_ID_PATTERN,
@@ -43,7 +43,6 @@ FORMAT_VERSION = 1
 _SHA256_LENGTH = 64
 _SHA256_PATTERN = re.compile(rf"[0-9a-f]{{{_SHA256_LENGTH}}}")
 _HEX = re.compile(r"[0-9a-fA-F]+")
-KEY_ID_LENGTH = credentials.KEY_ID_LENGTH  # as in the decision log's key_id
 _MIN_KEY_ID_LENGTH = 6
 _ENTRY_FIELDS = frozenset(
     {"sha256", "client_id", "client_name", "roles", "enabled", "expires_at", "rate_limit"}
@@ -209,12 +208,6 @@ def _parse_expiry(value: object, where: str) -> float | None:
     return value.timestamp()
 
 
-def key_id(key_hash: str) -> str:
-    """The name of a key in listings and in the decision log: the start of its hash (not
-    secret, since the hash is not)."""
-    return key_hash[:KEY_ID_LENGTH]
-
-
 def add_key(
     path: Path,
     client_id: str,
@@ -255,7 +248,7 @@ def revoke_key(path: Path, key_id_or_prefix: str) -> tuple[str, str, bool]:
         (entry,) = matches
         was_enabled = entry.get("enabled", True) is True
         entry["enabled"] = False
-        return key_id(entry["sha256"]), str(entry["client_id"]), was_enabled
+        return apikeys.key_id(entry["sha256"]), str(entry["client_id"]), was_enabled
 
     return _edit(path, revoke)
 
@@ -290,7 +283,7 @@ def rotate_key(
                 entry["enabled"] = False
             elif expires_at is None or old_keys_expire_at < expires_at:
                 entry["expires_at"] = format_expiry(old_keys_expire_at)
-            retired.append(key_id(entry["sha256"]))
+            retired.append(apikeys.key_id(entry["sha256"]))
         latest = own[-1]
         roles = tuple(latest.get("roles") or ())
         entries.append(
