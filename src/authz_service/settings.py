@@ -46,6 +46,12 @@ def _path_prefix(value: str) -> str | None:
     return None if ok else "empty, or a path starting with '/' and not ending with '/'"
 
 
+def _token(value: str) -> str | None:
+    # Sent in a header: a control character would be refused by every HTTP library, or split
+    # the request.
+    return None if value.isprintable() else "printable characters only (a token, as issued)"
+
+
 def _key_prefix(value: str) -> str | None:
     return None if PREFIX_PATTERN.fullmatch(value) else f"expected {PREFIX_PATTERN.pattern}"
 
@@ -114,7 +120,10 @@ class Settings:
         "http://127.0.0.1:8081", "base URL of the client registry (registry=http)", _url
     )
     registry_token: str = _setting(
-        "", "service token of the client registry's verification API (registry=http)", secret=True
+        "",
+        "service token of the client registry's verification API (registry=http)",
+        _token,
+        secret=True,
     )
     registry_timeout: float = _setting(
         0.1,

@@ -188,3 +188,13 @@ def test_a_rejected_secret_is_never_repeated() -> None:
     with pytest.raises(SettingsError) as error:
         config.load(RegistrySettings, REGISTRY_PREFIX, None, {"REGISTRY_ADMIN_TOKEN": "hunter2"})
     assert "hunter2" not in str(error.value)
+
+
+def test_a_registry_token_with_a_control_character_is_refused_at_start() -> None:
+    """It goes into a header of every registry call, where it could split the request."""
+    with pytest.raises(SettingsError) as error:
+        load(environ={"AUTHZ_REGISTRY_TOKEN": "hunter2\x00more"})
+    assert str(error.value) == (
+        "AUTHZ_REGISTRY_TOKEN (registry_token): printable characters only (a token, as "
+        "issued); the value is not shown"
+    )
