@@ -168,6 +168,31 @@ async def test_a_connection_the_server_closed_is_not_used_again() -> None:
     assert served.connections == 2
 
 
+async def test_after_a_kept_alive_connection_fails_unsent_the_others_are_not_trusted() -> None:
+    """The registry closes each connection when its second request arrives, as a restarting
+    registry would close them all: the first such request is unsent, and the one after it
+    (the caller's retry) gets a fresh connection rather than another closed one."""
+    per_connection: dict[int, int] = {}
+
+    async def first_only(number: int, request: bytes) -> bytes | None:
+        connection = id(asyncio.current_task())
+        per_connection[connection] = per_connection.get(connection, 0) + 1
+        if per_connection[connection] > 1:
+            return None
+        await asyncio.sleep(0.02)  # so that the first two need a connection each
+        return await numbered(number, request)
+
+    async with serving(first_only) as served:
+        client = origin(served)
+        await asyncio.gather(client.request("GET", "/x"), client.request("GET", "/x"))
+        with pytest.raises(UnsentError):
+            await client.request("GET", "/x")
+        reply = await client.request("GET", "/x")
+        client.close()
+    assert reply.status == 200
+    assert served.connections == 3
+
+
 async def test_a_connection_closed_before_any_answer_is_unsent() -> None:
     async def hang_up(number: int, request: bytes) -> None:
         return None

@@ -74,9 +74,17 @@ class Origin:
             head += f"Content-Type: {content_type}\r\n"
         if body or method == "POST":
             head += f"Content-Length: {len(body)}\r\n"
-        connection = self._take_idle() or await self._connect()
+        connection = self._take_idle()
+        reused = connection is not None
+        if connection is None:
+            connection = await self._connect()
         try:
             reply = await connection.exchange(head.encode("latin-1") + b"\r\n" + body)
+        except UnsentError:
+            connection.abort()
+            if reused:  # the registry closed it, as it may have closed the others (a restart)
+                self._drop_idle()
+            raise
         except BaseException:
             connection.abort()
             raise
@@ -88,6 +96,9 @@ class Origin:
 
     def close(self) -> None:
         self._closed = True
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
         for connection in self._idle:
             connection.abort()
         self._idle.clear()
