@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +240,31 @@ async def until_allowed(checks: Checks, key: str, within: float = 1.0) -> None:
     while (await checks.check(key)).status.code != 0:
         assert loop.time() < deadline, f"still denied after {within}s"
         await asyncio.sleep(0.01)
+
+
+async def resynced_then_revoked(
+    service: harness.Service,
+    registry: FaultyRegistry,
+    key: str,
+    poison: Callable[[], Awaitable[object]],
+    what: str,
+) -> tuple[Metrics, Metrics]:
+    """With ``key`` allowed, ``poison`` the feed; once the feed has resynced, revoke the key,
+    which must be denied within a second. The metrics before, and at the resync."""
+    before = await scrape(service)
+    async with accounted(service) as checks:
+        await until_allowed(checks, key)
+        await poison()
+        after = await until_metric(
+            service,
+            lambda m: (
+                m.value("authz_feed_resyncs_total") > before.value("authz_feed_resyncs_total")
+            ),
+            what,
+        )
+        await registry.revoke(key)
+        await until_denied(checks, key)
+    return before, after
 
 
 def all_denied(replies: Sequence[CheckResponse]) -> bool:

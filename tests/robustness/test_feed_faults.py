@@ -17,6 +17,7 @@ from tests.robustness.conftest import (
     Metrics,
     accounted,
     in_front_of,
+    resynced_then_revoked,
     scrape,
     until_allowed,
     until_applied,
@@ -72,19 +73,9 @@ async def test_a_malformed_event_is_counted_and_the_next_revocation_still_arrive
     """A poisoned event is counted (authz_feed_malformed_events_total) and answered by a
     resync; the feed keeps streaming, and the next revocation takes effect within a second."""
     key = await registry.add_key("poisoned")
-    before = await scrape(service)
-    async with accounted(service) as checks:
-        await until_allowed(checks, key)
-        await registry.event(data)
-        after = await until_metric(
-            service,
-            lambda m: (
-                m.value("authz_feed_resyncs_total") > before.value("authz_feed_resyncs_total")
-            ),
-            "the resync for the malformed event",
-        )
-        await registry.revoke(key)
-        await until_denied(checks, key)
+    before, after = await resynced_then_revoked(
+        service, registry, key, lambda: registry.event(data), "the resync for the malformed event"
+    )
     assert after.value("authz_feed_malformed_events_total") == (
         before.value("authz_feed_malformed_events_total") + 1
     )
@@ -136,19 +127,13 @@ async def test_a_malformed_change_met_while_polling_makes_the_feed_resync_and_go
     await registry.faults(stream="refuse", retry_after=1)
     await registry.end_streams()
     await until_metric(service, lambda m: feed_mode(m) == "polling", "polling mode")
-    before = await scrape(service)
-    async with accounted(service) as checks:
-        await until_allowed(checks, key)
-        await registry.poison_log({"op": "explode", "key_hash": HASH})
-        after = await until_metric(
-            service,
-            lambda m: (
-                m.value("authz_feed_resyncs_total") > before.value("authz_feed_resyncs_total")
-            ),
-            "the resync for the malformed change",
-        )
-        await registry.revoke(key)
-        await until_denied(checks, key)
+    before, after = await resynced_then_revoked(
+        service,
+        registry,
+        key,
+        lambda: registry.poison_log({"op": "explode", "key_hash": HASH}),
+        "the resync for the malformed change",
+    )
     assert after.value("authz_feed_malformed_events_total") == (
         before.value("authz_feed_malformed_events_total") + 1
     )

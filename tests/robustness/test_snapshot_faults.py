@@ -12,6 +12,7 @@ from tests.e2e import harness
 from tests.robustness.conftest import (
     accounted,
     in_front_of,
+    resynced_then_revoked,
     scrape,
     until_allowed,
     until_denied,
@@ -41,19 +42,13 @@ async def test_a_malformed_event_reloads_the_snapshot_and_revocations_still_arri
     """A poisoned event is counted and the copy is reloaded; the next revocation takes
     effect within a second."""
     key = await registry.add_key("snapshot-poisoned")
-    before = await scrape(service)
-    async with accounted(service) as checks:
-        await until_allowed(checks, key)
-        await registry.event(json.dumps({"version": None, "op": "delete"}))
-        await until_metric(
-            service,
-            lambda m: (
-                m.value("authz_feed_resyncs_total") > before.value("authz_feed_resyncs_total")
-            ),
-            "the resync",
-        )
-        await registry.revoke(key)
-        await until_denied(checks, key)
+    before, _ = await resynced_then_revoked(
+        service,
+        registry,
+        key,
+        lambda: registry.event(json.dumps({"version": None, "op": "delete"})),
+        "the resync",
+    )
     after = await scrape(service)
     assert after.value("authz_feed_malformed_events_total") == (
         before.value("authz_feed_malformed_events_total") + 1
