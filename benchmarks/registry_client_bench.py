@@ -1,5 +1,6 @@
-"""What one cold lookup's registry call costs the service: its own client against aiohttp's,
-side by side in one run.
+"""The CPU of a cold lookup's registry call: the service's own client against aiohttp's.
+
+Side by side in one run:
 
     .venv/bin/python benchmarks/registry_client_bench.py [--lookups 3000] [--rounds 5]
 
