@@ -273,7 +273,13 @@ class Round:
     floods: dict[str, Flood]
 
 
-PARTS = ("baseline", "random-key flood", "cached-key flood (control)")
+# Each part of a round, and the tag of its checks' request ids (with the round's number).
+TAGS = {
+    "baseline": "baseline",
+    "random-key flood": "random",
+    "cached-key flood (control)": "cached",
+}
+PARTS = tuple(TAGS)
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> None:
@@ -299,7 +305,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
             for number in range(args.rounds):
                 rounds.append(await one_round(args, service, registry, key, number))
                 report_round(args, number, rounds[-1])
-                flood_server = flood_latencies(service, f"random{number}")
+                flood_server = flood_latencies(service, f"{TAGS['random-key flood']}{number}")
                 print(
                     "  random-key flood checks as the service timed them: "
                     + ", ".join(
@@ -317,7 +323,7 @@ async def one_round(
     key: str,
     number: int,
 ) -> Round:
-    tags = {part: f"{part.split('-')[0].split()[0]}{number}" for part in PARTS}
+    tags = {part: f"{tag}{number}" for part, tag in TAGS.items()}
     until = time.monotonic() + args.baseline_seconds
     alone = await probe(
         service.grpc_target,
